@@ -53,7 +53,7 @@ def paraphrase_problem(original: str, candidate: str, label_words: Sequence[str]
     missing = [w for w in contains_label_words(original, label_words) if not contains_label_words(cand, [w])]
     if missing:
         return f"drops label word(s) {missing}"
-    first = re.sub(r"^\W+", "", cand).split()[0].lower() if cand.split() else ""
+    first = re.match(r"\W*(\w*)", cand)[1].lower()
     if first in {w.lower() for w in label_words}:
         return "answers instead of rewording"
     if _META.search(cand):
