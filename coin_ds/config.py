@@ -102,7 +102,7 @@ class Config:
 # Presets are partial configs applied before the YAML file and the command line.
 PRESETS: dict[str, dict] = {
     # The embedded default: tiny random Llama on the synthetic tasks, 2 CPU ranks, a few minutes.
-    "demo": {},
+    "demo": {"train": {"epochs": 3}},
     # The official CoIN settings (SPEC §1): LoRA r16/a16/0.05 on q,k,v,o, AdamW 1e-4, linear, 10% warm-up, 1 epoch,
     # effective batch of 32 triples (~ the official 64 rows, each official hard negative being a row of its own),
     # max length 256, tau 0.05, lambda 1000, local in-batch negatives (the official code gathers nothing), left padding,
