@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/python -m coin_ds.demo
+	$(BIN)/deepspeed --num_gpus $(NPROC) coin_ds/train.py --deepspeed ds_configs/zero3.json
 
 test: venv
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
