@@ -199,6 +199,10 @@ def test_semantic_paraphrase_filter():
     assert "options" in semantic.paraphrase_problem(orig, "Say 'positive', 'negative' or 'neutral'.", LABELS)
     assert "paraphras" in semantic.paraphrase_problem(orig, "Here is a paraphrase: 'positive' or 'negative'", LABELS)
     assert semantic.paraphrase_problem(orig, orig.upper(), LABELS) == "same as the original"
+    # seen from SmolLM2-135M: keeps the words, asserts an answer
+    asserted = "No, no, no! The sentiment of the review must be 'positive' not 'negative'."
+    assert "options" in semantic.paraphrase_problem(orig, asserted, LABELS)
+    assert semantic.paraphrase_problem(orig, "Is the review 'positive', or 'negative'?", LABELS) is None
 
 
 def test_semantic_uses_alternatives_then_filtered_model_output():
@@ -223,8 +227,10 @@ def test_smollm2_paraphrases_pass_the_filter():
     except RuntimeError as e:
         pytest.skip(str(e))
     orig = "Classify the sentiment of the following review as 'positive' or 'negative'."
-    outs = perturb_instruction(orig, "semantic", label_words=["positive", "negative"], k=2, seed=0, paraphraser=para)
-    again = perturb_instruction(orig, "semantic", label_words=["positive", "negative"], k=2, seed=0, paraphraser=para)
-    assert outs == again  # sampling is seeded from the caller's seed
-    for out in outs:
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    raw = para(orig, rng_a, 3)
+    assert len(raw) == 3 and raw == para(orig, rng_b, 3)  # sampling is seeded from the caller's rng
+    # a 135M model rarely rewords well: whatever comes back through the level has passed the filter
+    for out in perturb_instruction(orig, "semantic", label_words=["positive", "negative"], k=1, seed=0,
+                                   paraphraser=para, candidates_per_output=3):
         assert semantic.paraphrase_problem(orig, out, ["positive", "negative"]) is None

@@ -12,7 +12,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from coin_ds.perturb.common import contains_label_words
+from coin_ds.perturb.common import contains_label_words, protected_spans
 
 # A paraphraser: (instruction, rng, n) -> up to n candidate rewordings (unfiltered).
 Paraphraser = Callable[[str, random.Random, int], list[str]]
@@ -38,6 +38,21 @@ def pick_alternatives(instruction: str, alternatives: Sequence[str], rng: random
     return pool[:k]
 
 
+_JOINERS = {"or", "and", "either", "a", "an", "with", "as"}
+
+
+def _lists_options(text: str, label_words: Sequence[str]) -> bool:
+    """Whether the label words occurring in `text` are offered as a list of options ('x' or 'y', 'x', 'y', 'z').
+
+    A small model's "rewording" often asserts an answer instead ("it must be 'positive' not 'negative'").
+    """
+    spots = sorted(s for w in label_words for s in protected_spans(text, [w]))
+    if len(spots) < 2:
+        return True
+    gaps = [text[a[1]:b[0]] for a, b in zip(spots, spots[1:])]
+    return all(set(re.findall(r"\w+", g.lower())) <= _JOINERS for g in gaps)
+
+
 def paraphrase_problem(original: str, candidate: str, label_words: Sequence[str] = ()) -> str | None:
     """Why a generated paraphrase must be rejected, or None when it is acceptable."""
     cand = candidate.strip()
@@ -58,6 +73,8 @@ def paraphrase_problem(original: str, candidate: str, label_words: Sequence[str]
         return "answers instead of rewording"
     if _META.search(cand):
         return "talks about paraphrasing"
+    if _lists_options(original, label_words) and not _lists_options(cand, label_words):
+        return "label words no longer offered as options"
     # answer options are what defines the task: a quoted option that the original does not have changes it
     orig_opts = {q.lower().strip() for q in _QUOTED.findall(original)}
     new_opts = {q.lower().strip() for q in _QUOTED.findall(cand)} - orig_opts
@@ -118,6 +135,10 @@ class ModelParaphraser:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
         return cls(model.eval(), tok)
 
+    def _budget(self, instruction: str) -> int:
+        # a rewording is about as long as the instruction; a longer reply is rejected by the filter anyway
+        return 2 * len(self.tokenizer(instruction)["input_ids"]) + 16
+
     def __call__(self, instruction: str, rng: random.Random, n: int) -> list[str]:
         import torch
 
@@ -127,7 +148,7 @@ class ModelParaphraser:
         torch.manual_seed(rng.randrange(2**31))
         with torch.no_grad():
             out = self.model.generate(**ids, do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                                      num_return_sequences=n, max_new_tokens=2 * len(ids["input_ids"][0]) // 3 + 32,
+                                      num_return_sequences=n, max_new_tokens=self._budget(instruction),
                                       pad_token_id=self.tokenizer.eos_token_id)
         texts = self.tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         # the model sometimes wraps the answer in quotes or adds a second paragraph: keep the first line, unquoted
