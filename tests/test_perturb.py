@@ -21,7 +21,8 @@ VOCAB = ["classify", "the", "sentiment", "review", "answer", "with", "determine"
          "analyze", "tone", "positives", "negatively", "it's"]
 SYNONYMS = {"classify": ["sort", "categorize"], "review": ["critique"], "answer": ["reply"], "determine": ["decide"],
             "text": ["passage"], "choose": ["select", "pick"], "respond": ["reply"], "evaluate": ["assess"],
-            "tone": ["mood"], "analyze": ["examine"], "statement": ["claim"], "sentiment": ["positive"]}
+            "tone": ["mood"], "analyze": ["examine"], "statement": ["claim"], "sentiment": ["positive"],
+            "positive": ["plus"], "negative": ["minus"], "not_equivalent": ["different"]}  # must never be used
 
 
 def label_count(text: str, w: str) -> int:
