@@ -115,7 +115,7 @@ def lr_lambda(schedule: str, warmup: int, total: int):
 def build_engine(cfg: Config, ds_config: dict, tokenizer, total_steps: int):
     import deepspeed
 
-    lm = load_model(cfg.model, tokenizer, cfg.train.seed, ds_config)
+    lm = load_model(cfg.model, tokenizer, cfg.train.seed, ds_config, qlora=cfg.lora.enabled and cfg.lora.qlora)
     if cfg.lora.enabled:
         from coin_ds.adapters import apply_lora
 
