@@ -86,7 +86,7 @@ class Cluster:
         proc = subprocess.run(
             ["sbatch", "--parsable", *CPU_JOB, f"--output={self.root}/jobs/%x-%j.out", "slurm/coin_ds.sbatch", *train_args],
             capture_output=True, text=True, env=env, cwd=REPO, timeout=60,
-        )  # fmt: skip
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().split(";")[0]
 
@@ -161,7 +161,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
              f"--log-file={root}/log/munged.log", f"--pid-file={m}/munged.pid", f"--seed-file={m}/munged.seed"],
             ["slurmctld", "-D"],
             ["slurmd", "-D"],
-        ):  # fmt: skip
+        ):
             daemons.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(0.5)
         deadline = time.time() + 60
@@ -235,7 +235,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster: Cluster) -> Non
     info = cluster.wait(job)
     log = cluster.log(job)
     print(f"\npreempted job {job}: signal at {t_signal:.1f}s, checkpoint of step {saved} at {t_saved:.1f}s, "
-          f"{info['JobState']} after {info['Restarts']} restart(s) at {time.time() - t0:.1f}s")  # fmt: skip
+          f"{info['JobState']} after {info['Restarts']} restart(s) at {time.time() - t0:.1f}s")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log
     assert info["Restarts"] == "1", log
     assert 2 <= saved < total
