@@ -21,17 +21,20 @@ import math
 import random
 import shutil
 import signal
+import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from coin_ds import distributed as D
+from coin_ds.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_identity, save_checkpoint
 from coin_ds.config import Config, ConfigError, load_config, resolve_deepspeed_config
 from coin_ds.data.batching import TripleSampler, ViewEncoder, collate, encode_triples, padding_efficiency
 from coin_ds.data.records import load_records
-from coin_ds.data.synthetic import generate_records
+from coin_ds.data.synthetic import TASKS, generate_records
 from coin_ds.data.triples import build_triples, split_heldout
 from coin_ds.loss import alignment, coin_loss, pool
 from coin_ds.modeling import CoinForward, load_model, load_tokenizer
@@ -65,7 +68,9 @@ def load_training_records(cfg: Config):
         from coin_ds.data.coin_csv import import_coin_csv
 
         return import_coin_csv(cfg.data.train_file)
-    return load_records(cfg.data.train_file), None
+    # records that use an embedded task's name must answer with its label words
+    label_words = {name: task.label_words for name, task in TASKS.items()}
+    return load_records(cfg.data.train_file, label_words=label_words), None
 
 
 def _is_coin_csv(path: str) -> bool:
@@ -163,34 +168,7 @@ def measure_alignment(engine, heldout: list, cfg: Config, pad_id: int, batch_siz
     return {"cos_para": cos_para, "cos_neg": cos_neg, "alignment": cos_para - cos_neg, "triples": int(sums[2])}
 
 
-# --- checkpoints ----------------------------------------------------------------------------------------------------
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, sampler: TripleSampler, keep: int) -> Path:
-    tag = f"step_{step:07d}"
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "sampler": sampler.state_dict()})
-    # each rank's RNG state beside DeepSpeed's files (its client_state is written by rank 0 only)
-    torch.save(rng, ckpt_dir / tag / f"rng_rank{D.rank()}.pt")
-    D.barrier()
-    if D.is_main() and keep > 0:
-        tags = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return ckpt_dir / tag
-
-
-def load_checkpoint(engine, ckpt_dir: Path, sampler: TripleSampler) -> int:
-    path, client = engine.load_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise RuntimeError(f"{ckpt_dir}: could not load the latest checkpoint")
-    sampler.load_state_dict(client["sampler"])
-    rng_file = Path(path) / f"rng_rank{D.rank()}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)  # our own file: a python random state tuple
-        random.setstate(rng["python"])
-        torch.set_rng_state(rng["torch"])
-    return int(client["step"])
-
+# --- final save ----------------------------------------------------------------------------------------------------
 
 def save_final(engine, cfg: Config, tokenizer, out: Path) -> dict:
     """Consolidated weights as a transformers directory (ZeRO-3 gathers: every rank must call this)."""
@@ -251,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / "checkpoints"
+    _register_rank(out)
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "deepspeed": ds_config}, indent=2))
@@ -271,12 +250,21 @@ def main(argv: list[str] | None = None) -> int:
          f"{D.world_size()} rank(s); {sampler.dropped_per_epoch} left out of each epoch (incomplete global batch)")
 
     engine, scheduler = build_engine(cfg, ds_config, tokenizer, total_steps)
-    step = 0
-    if args.resume and (ckpt_dir / "latest").exists():
-        step = load_checkpoint(engine, ckpt_dir, sampler)
+    identity = model_identity(engine, cfg)
+    step, nonfinite_skipped = 0, []
+    if args.resume and latest_checkpoint(ckpt_dir) is not None:
+        step, client = load_checkpoint(engine, ckpt_dir, identity)
+        sampler.load_state_dict(client["sampler"])
+        nonfinite_skipped = list(client.get("nonfinite_skipped", []))
+        if D.is_main():
+            _truncate_metrics(out / "metrics.jsonl", step)
         log0(f"[resume] from {ckpt_dir} at step {step} (epoch {sampler.epoch}, batch {sampler.position})")
     elif args.resume:
         log0(f"[resume] no checkpoint in {ckpt_dir}: starting fresh")
+
+    def checkpoint(at_step: int, sampler_state: dict) -> Path:
+        client = {"sampler": sampler_state, "nonfinite_skipped": nonfinite_skipped}
+        return save_checkpoint(engine, ckpt_dir, at_step, client, identity, cfg.train.keep_checkpoints)
 
     pad_id = tokenizer.pad_token_id
     align_before = measure_alignment(engine, data.heldout, cfg, pad_id)
@@ -292,12 +280,25 @@ def main(argv: list[str] | None = None) -> int:
         t0, tokens, acc, eff = time.time(), 0, [], []
         start_state = sampler.state_dict()
         nonfinite = False
+        skipped_micro = 0
         for _ in range(cfg.train.grad_accum):
+            _debug_crash(step + 1)
             batch = collate([data.train[i] for i in sampler.next_batch()], pad_id, cfg.data.padding_side)
             result = forward_loss(engine, batch, cfg)
-            if not (math.isfinite(result.l_gen) and math.isfinite(result.l_ctr)):
-                nonfinite = True  # the reduced values are global: every rank takes the same branch
-                engine.backward(torch.zeros((), requires_grad=True))
+            _debug_nan(result, step + 1)
+            if _nonfinite_anywhere(result):
+                nonfinite = True
+                if cfg.train.on_nan == "stop":
+                    break  # no backward, no optimizer step: the weights stay those of the last good step
+                skipped_micro += 1
+                if skipped_micro == cfg.train.grad_accum:
+                    # nothing finite to apply in this step: lr 0 leaves every weight exactly as it is (the
+                    # scheduler's next step restores the lr); Adam's moments still decay by one step
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = 0.0
+                # a graph-free zero keeps DeepSpeed's micro-step bookkeeping in step on every rank while adding
+                # no gradient (backward through the non-finite graph would put NaN in the gradient)
+                engine.backward(torch.zeros((), requires_grad=True) * 1.0)  # DeepSpeed wants a grad_fn
             else:
                 engine.backward(result.loss)
             engine.step()
@@ -305,12 +306,19 @@ def main(argv: list[str] | None = None) -> int:
             acc.append(result)
             eff.append(padding_efficiency(batch))
         if nonfinite and cfg.train.on_nan == "stop":
-            sampler.load_state_dict(start_state)
-            log0(f"[nan] non-finite loss at step {step + 1}: saving the last good state (step {step}) and stopping")
-            save_checkpoint(engine, ckpt_dir, step, sampler, cfg.train.keep_checkpoints)
+            print(f"[nan] rank {D.rank()}: non-finite loss at step {step + 1} (this rank's loss "
+                  f"{float(result.loss)}, global l_gen {result.l_gen}, l_ctr {result.l_ctr}); saving the last good "
+                  f"state (step {step}) and stopping (train.on_nan=stop)", file=sys.stderr, flush=True)
+            path = checkpoint(step, start_state)
+            log0(f"[checkpoint] {path} (last good state)")
+            if D.is_main():
+                (out / "nonfinite.json").write_text(json.dumps({"step": step + 1, "checkpoint": str(path),
+                                                                "l_gen": result.l_gen, "l_ctr": result.l_ctr}))
             exit_code = EXIT_NONFINITE
             break
         step += 1
+        if nonfinite:
+            nonfinite_skipped.append(step)
         row = {
             "step": step, "epoch": sampler.epoch,
             "l_gen": _mean(r.l_gen for r in acc), "l_ctr": _mean(r.l_ctr for r in acc),
@@ -319,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             "padding_efficiency": _mean(eff), "skipped_nonfinite": nonfinite,
         }
         if nonfinite:
-            log0(f"[nan] non-finite loss at step {step}: micro-batch skipped (train.on_nan=skip)")
+            log0(f"[nan] non-finite loss at step {step}: {skipped_micro} of {cfg.train.grad_accum} micro-batch(es) "
+                 f"skipped (train.on_nan=skip)")
         first = first or row
         last = row
         if metrics_file and step % cfg.train.log_every == 0:
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(l_gen=f"{row['l_gen']:.3f}", l_ctr=f"{row['l_ctr']:.3f}", w=f"{row['weight']:.2f}")
         preempted = bool(D.reduce_sum(torch.tensor(float(preemption.requested))) > 0)
         if preempted or (cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps):
-            path = save_checkpoint(engine, ckpt_dir, step, sampler, cfg.train.keep_checkpoints)
+            path = checkpoint(step, sampler.state_dict())
             log0(f"[checkpoint] {path}")
         if preempted:
             log0(f"[preempted] checkpoint saved at step {step}; exiting with {EXIT_PREEMPTED} so the job can requeue")
@@ -346,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     if exit_code:
         return exit_code
 
-    final_ckpt = save_checkpoint(engine, ckpt_dir, step, sampler, cfg.train.keep_checkpoints)
+    final_ckpt = checkpoint(step, sampler.state_dict())
+    data.report["nonfinite_steps_skipped"] = nonfinite_skipped
     written = save_final(engine, cfg, tokenizer, out)
     align_after = measure_alignment(engine, data.heldout, cfg, pad_id)
     summary = {
@@ -361,6 +371,41 @@ def main(argv: list[str] | None = None) -> int:
     if tb:
         tb.close()
     return 0
+
+
+def _nonfinite_anywhere(result) -> bool:
+    """True on every rank when the loss is non-finite on any rank, so that all ranks take the same branch."""
+    bad = not (math.isfinite(result.l_gen) and math.isfinite(result.l_ctr) and bool(torch.isfinite(result.loss)))
+    return bool(D.reduce_sum(torch.tensor(float(bad))) > 0)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget the rows logged after the checkpoint: they are logged again, once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    os.replace(tmp, path)
+
+
+# --- test-only fault injection (environment variables; never set in real runs) --------------------------------------
+
+def _debug_crash(step: int) -> None:
+    """COIN_DS_DEBUG_CRASH_RANK=r COIN_DS_DEBUG_CRASH_STEP=k: rank r dies hard (no cleanup) at the start of step k."""
+    if (os.environ.get("COIN_DS_DEBUG_CRASH_RANK") == str(D.rank())
+            and os.environ.get("COIN_DS_DEBUG_CRASH_STEP") == str(step)):
+        print(f"[debug] rank {D.rank()}: simulated hard crash at step {step} (t={time.time():.3f})", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+
+def _debug_nan(result, step: int) -> None:
+    """COIN_DS_DEBUG_NAN_STEP=k [COIN_DS_DEBUG_NAN_RANK=r]: the loss of step k on rank r (default: the last) is NaN."""
+    if os.environ.get("COIN_DS_DEBUG_NAN_STEP") != str(step):
+        return
+    if int(os.environ.get("COIN_DS_DEBUG_NAN_RANK", D.world_size() - 1)) == D.rank():
+        result.loss = result.loss * float("nan")
 
 
 def _mean(values) -> float:
@@ -414,5 +459,61 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+# --- failures: say which rank ---------------------------------------------------------------------------------------
+
+_RANK_DIR: Path | None = None
+
+
+def _register_rank(out: Path) -> None:
+    """Each rank notes its host and pid, so that a survivor can tell which peer on its host has died."""
+    global _RANK_DIR
+    _RANK_DIR = out / ".ranks"
+    _RANK_DIR.mkdir(parents=True, exist_ok=True)
+    (_RANK_DIR / f"rank{D.rank()}.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def dead_peers() -> list[int]:
+    """Ranks on this host whose process has exited (ranks on other hosts cannot be checked from here)."""
+    if _RANK_DIR is None:
+        return []
+    gone = []
+    for f in sorted(_RANK_DIR.glob("rank*.json")):
+        info = json.loads(f.read_text())
+        if info["host"] == socket.gethostname() and info["pid"] != os.getpid() and _process_gone(info["pid"]):
+            gone.append(int(f.stem.removeprefix("rank")))
+    return gone
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie: dead, not yet reaped by the launcher
+
+
+def run(argv: list[str] | None = None) -> int:
+    """main() with a failure report that names this rank and any peer rank found dead (a bare traceback from N
+    interleaved ranks does not say whose it is, and a rank killed by the OS leaves no traceback at all)."""
+    from coin_ds.data.records import RecordError
+    from coin_ds.modeling import ModelLoadError
+
+    try:
+        return main(argv)
+    except (CheckpointError, RecordError, ModelLoadError) as e:  # bad input: the message says it all
+        print(f"[rank {D.rank()}] error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        gone = dead_peers()
+        if not gone and D.world_size() > 1:
+            time.sleep(1.0)  # the peer's socket can close a moment before its process is marked dead
+            gone = dead_peers()
+        peers = f"; rank(s) {', '.join(map(str, gone))} on this host exited first" if gone else ""
+        traceback.print_exc()
+        print(f"[rank {D.rank()}/{D.world_size()}] failed: {type(e).__name__}: {str(e)[:300]}{peers}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -63,6 +63,18 @@ def record_from_dict(obj: object, path: str | Path = "<memory>", line: int | Non
     return Record(obj["task"], obj["instruction"], obj["input"], obj["output"], paraphrases)
 
 
+def check_label(record: Record, label_words: dict[str, list[str] | tuple[str, ...]], path: str | Path = "<memory>",
+                line: int | None = None) -> None:
+    """A record of a task with known label words (an embedded task) must answer with one of them.
+
+    Records of other tasks are the user's own and pass: training accepts any task name. A wrong label is an error,
+    not a skip, because dropping such records would silently change the task's label balance."""
+    words = label_words.get(record.task)
+    if words is not None and record.output.strip() not in words:
+        raise RecordError(path, line, "output", f"{record.output!r} is not a label word of task {record.task!r} "
+                                                f"({', '.join(words)})")
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, decoded object) for each non-blank line; bad JSON or bytes raise RecordError."""
     path = Path(path)
@@ -105,13 +117,21 @@ def _iter_table_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield first + i, row
 
 
-def load_records(path: str | Path, allow_extra: bool = True) -> list[Record]:
-    """Load and validate every record of a file; the first bad one raises RecordError."""
+def load_records(path: str | Path, allow_extra: bool = True,
+                 label_words: dict[str, list[str] | tuple[str, ...]] | None = None) -> list[Record]:
+    """Load and validate every record of a file; the first bad one raises RecordError.
+
+    `label_words` ({task: words}): records of those tasks must answer with one of their words (`check_label`)."""
     path = Path(path)
     if not path.exists():
         raise RecordError(path, None, None, "file not found")
     rows = iter_jsonl(path) if path.suffix in (".jsonl", ".json") and path.is_file() else _iter_table_rows(path)
-    records = [record_from_dict(obj, path, lineno, allow_extra) for lineno, obj in rows]
+    records = []
+    for lineno, obj in rows:
+        record = record_from_dict(obj, path, lineno, allow_extra)
+        if label_words:
+            check_label(record, label_words, path, lineno)
+        records.append(record)
     if not records:
         raise RecordError(path, None, None, "no records in file")
     return records
