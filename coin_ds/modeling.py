@@ -134,10 +134,10 @@ def load_model(cfg: ModelConfig, tokenizer, seed: int = 0, ds_config: dict | Non
 
         # built whole on every rank (identical by seed); deepspeed.initialize partitions it
         return build_model(tokenizer, cfg.tiny_hidden_size, cfg.tiny_layers, cfg.tiny_heads, seed).to(dtype)
+    folder, gguf = resolve_model_path(cfg)  # first: a bad path fails at once, before the slow imports
+    _check_gguf(gguf)
     from transformers import AutoModelForCausalLM
 
-    folder, gguf = resolve_model_path(cfg)
-    _check_gguf(gguf)
     extra = {}
     if qlora:
         if gguf:
@@ -161,7 +161,7 @@ def _keep_4bit_layout(model) -> None:
     On CPUs with AVX512-BF16, `Linear4bit.forward` under no_grad in eval mode rewrites `weight.data` in place into a
     kernel-specific layout and flags the shared quant_state. Under ZeRO-3 that rewrite lands on a temporarily gathered
     copy: the partition keeps the old layout while the flag says otherwise, so later forwards read the weight wrongly
-    and `state_dict()` (checkpoints) fails on an assertion in bitsandbytes. The unpacked path computes the same values.
+    and `state_dict()` (checkpoints) fails on an assertion in bitsandbytes. Without it the generic 4-bit path runs.
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
