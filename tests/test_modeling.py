@@ -7,14 +7,13 @@ import json
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEEPSPEED, ROOT, subprocess_env
 
 from coin_ds.config import LoraConfig, ModelConfig
 from coin_ds.modeling import CoinForward, ModelLoadError, load_model, load_tokenizer, resolve_model_path
-from conftest import DEEPSPEED, ROOT, subprocess_env
 
 
 def test_missing_path_and_hub_ids_are_clear_errors_not_downloads(tmp_path):
