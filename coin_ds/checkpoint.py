@@ -81,8 +81,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _debug_crash_in_save(step: int) -> None:
-    """Test hook: die after DeepSpeed wrote its files but before the checkpoint is published (an interrupted save)."""
-    if os.environ.get("COIN_DS_DEBUG_CRASH_IN_SAVE") == str(step):
+    """Test hook: die after DeepSpeed wrote its files but before the checkpoint is published (an interrupted save).
+
+    COIN_DS_DEBUG_CRASH_IN_SAVE=k, and COIN_DS_DEBUG_CRASH_RANK=r to kill only rank r (default: every rank)."""
+    rank = os.environ.get("COIN_DS_DEBUG_CRASH_RANK")
+    if os.environ.get("COIN_DS_DEBUG_CRASH_IN_SAVE") == str(step) and rank in (None, str(D.rank())):
         print(f"[debug] rank {D.rank()}: simulated crash while saving step {step}", flush=True)
         os._exit(1)
 

@@ -78,6 +78,8 @@ def test_sigkill_then_resume_reproduces_every_later_step_bitwise(tmp_path):
     for row in rows[k:]:
         for key in COMPARED:
             assert row[key] == reference[row["step"]][key], (row["step"], key, row[key], reference[row["step"]][key])
+    print(f"\nkilled after {logged} logged steps, resumed at {k}; steps {k + 1}-12 equal bitwise, e.g. step 12 "
+          f"l_gen {rows[-1]['l_gen']!r} l_ctr {rows[-1]['l_ctr']!r} loss {rows[-1]['loss']!r}")
 
 
 @pytest.mark.slow
@@ -89,6 +91,7 @@ def test_a_dying_rank_ends_the_job_quickly_and_is_named(tmp_path):
     assert proc.returncode != 0, tail(proc)
     crashed_at = float(re.search(r"simulated hard crash at step 3 \(t=([\d.]+)\)", log).group(1))
     assert ended - crashed_at < 40, f"took {ended - crashed_at:.1f} s to end after rank 1 died"
+    print(f"\njob ended {ended - crashed_at:.1f} s after rank 1 died")
     assert re.search(r"\[rank 0/2\] failed: .*rank\(s\) 1 on this host exited first", log), tail(proc)
     assert not (tmp_path / "run" / "summary.json").exists()
 
@@ -105,6 +108,12 @@ def test_nan_stops_with_a_checkpoint_of_the_last_good_step(tmp_path):
     assert json.loads((out / "nonfinite.json").read_text())["step"] == 3
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+    # that checkpoint, resumed by a run of another model: a clear error before DeepSpeed reads a single tensor
+    other = run(out, "train.max_steps=6", "model.tiny_hidden_size=32", resume=True)
+    assert other.returncode == 2, tail(other)
+    assert re.search(r"step_0000002: this checkpoint was written for another model.*hidden_size: checkpoint 64, "
+                     r"this run 32", other.stderr), tail(other)
 
 
 @pytest.mark.slow
@@ -126,3 +135,18 @@ def test_nan_skip_leaves_the_weights_untouched_and_is_counted(tmp_path):
     for rank in (0, 1):  # the skipped step moved no weight; the next one did
         assert torch.equal(fp32_weights(2, rank), fp32_weights(3, rank))
         assert not torch.equal(fp32_weights(3, rank), fp32_weights(4, rank))
+
+
+@pytest.mark.slow
+def test_a_rank_dying_in_the_middle_of_a_save_leaves_the_previous_checkpoint_current(tmp_path):
+    out = tmp_path / "run"
+    env = {"COIN_DS_DEBUG_CRASH_IN_SAVE": "4", "COIN_DS_DEBUG_CRASH_RANK": "1"}
+    proc = run(out, "train.max_steps=6", "train.save_every=2", "train.dist_timeout_s=30", env=env, timeout=120)
+    assert proc.returncode != 0, tail(proc)
+    assert re.search(r"\[rank 0/2\] failed: .*rank\(s\) 1 on this host exited first", proc.stderr), tail(proc)
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_0000002"
+    assert not (ckpt / "step_0000004").exists()
+    partial = ckpt / "step_0000004.tmp"
+    assert (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # DeepSpeed had written its files
+    assert (json.loads((ckpt / "step_0000002" / "meta.json").read_text()))["step"] == 2
