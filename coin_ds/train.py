@@ -15,6 +15,10 @@ if __name__ == "__main__":
     # run as a script, this folder would shadow libraries with our module names (config, loss, ...)
     sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
+# models and data are local paths only: the hub is never contacted at run time (set before any HF import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 import argparse
 import json
 import math

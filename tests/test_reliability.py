@@ -301,3 +301,16 @@ def test_loading_never_touches_the_network(tiny_model_dir, monkeypatch):
     model = load_model(cfg, tok)
     assert model.config.hidden_size == 64 and tok("hello")["input_ids"]
     assert attempts == []
+
+
+def test_the_trainer_is_offline_even_when_the_environment_does_not_say_so():
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = {k: v for k, v in subprocess_env().items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                                   "TRANSFORMERS_OFFLINE")}
+    code = "import coin_ds.train, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
