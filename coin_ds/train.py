@@ -217,6 +217,8 @@ class Preemption:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # first of all: a scheduler's warning during the slow start-up must not kill the ranks
+    preemption = Preemption()
     args, rest = parse_args(argv)
     try:
         cfg = load_config(args.config, rest)
@@ -237,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "deepspeed": ds_config}, indent=2))
-    preemption = Preemption()
     t_start = time.time()
 
     tokenizer = load_tokenizer(cfg.model, cfg.train.seed)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not D.is_main())
-    first, last, exit_code = None, None, 0
+    history, exit_code = [], 0
     while step < total_steps:
         t0, tokens, acc, eff = time.time(), 0, [], []
         start_state = sampler.state_dict()
@@ -333,8 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if nonfinite:
             log0(f"[nan] non-finite loss at step {step}: {skipped_micro} of {cfg.train.grad_accum} micro-batch(es) "
                  f"skipped (train.on_nan=skip)")
-        first = first or row
-        last = row
+        history.append(row)
         if metrics_file and step % cfg.train.log_every == 0:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "output_dir": str(out), "checkpoint": str(final_ckpt), "steps": step, "world_size": D.world_size(),
         "wall_time_s": round(time.time() - t_start, 1), "data": data.report,
-        "start": first, "end": last, "alignment_before": align_before, "alignment_after": align_after, **written,
+        "start": _window(history[:10]), "end": _window(history[-10:]),
+        "alignment_before": align_before, "alignment_after": align_after, **written,
     }
     if D.is_main():
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -412,6 +413,13 @@ def _debug_nan(result, step: int) -> None:
         result.loss = result.loss * float("nan")
 
 
+def _window(rows: list[dict]) -> dict | None:
+    """Mean of the logged losses over a few steps: one step of a small batch is too noisy to compare."""
+    if not rows:
+        return None
+    return {k: _mean(r[k] for r in rows) for k in ("l_gen", "l_ctr", "weight", "loss")} | {"steps": len(rows)}
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / max(1, len(values))
@@ -442,10 +450,14 @@ def format_summary(s: dict) -> str:
     lines += [
         f"steps          {s['steps']} on {s['world_size']} rank(s) in {s['wall_time_s']} s",
         f"data           {s['data']['train_triples']} train / {s['data']['heldout_triples']} held-out triples; "
-        f"skipped {sum(s['data']['skipped'].values())} record(s) {s['data']['skipped'] or ''}, "
-        f"{s['data']['too_long']} too long, {s['data']['dropped_per_epoch']} left out per epoch",
+        f"skipped {sum(s['data']['skipped'].values())} record(s), {s['data']['too_long']} too long, "
+        f"{s['data']['dropped_per_epoch']} left out per epoch, {s['data'].get('inputs_truncated', 0)} input(s) "
+        f"truncated",
+        *[f"               {n} x {reason}" for reason, n in s["data"]["skipped"].items()],
+        *([f"non-finite     skipped step(s) {s['data']['nonfinite_steps_skipped']}"]
+          if s["data"].get("nonfinite_steps_skipped") else []),
         "",
-        f"{'':<22}{'start':>10}{'end':>10}",
+        f"{'(mean of 10 steps)':<22}{'start':>10}{'end':>10}",
         f"{'L_gen':<22}{fmt(s['start'], 'l_gen'):>10}{fmt(s['end'], 'l_gen'):>10}",
         f"{'L_ctr':<22}{fmt(s['start'], 'l_ctr'):>10}{fmt(s['end'], 'l_ctr'):>10}",
         f"{'weight w':<22}{fmt(s['start'], 'weight'):>10}{fmt(s['end'], 'weight'):>10}",
