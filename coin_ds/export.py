@@ -61,7 +61,8 @@ def locate(path: str | Path, tag: str | None = None) -> RunCheckpoint:
         if (root / "latest").exists():
             tag = (root / "latest").read_text().strip()
         else:
-            tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+            # a `.tmp` folder is a save that never finished (coin_ds.checkpoint renames it when complete)
+            tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             if not tags:
                 raise ExportError(f"{root}: no checkpoint in it")
             tag = tags[-1]
