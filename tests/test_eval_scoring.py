@@ -30,13 +30,14 @@ def reference_logprob(model, tok, prompt: str, word: str) -> float:
     return float(sum(logp[len(a) - 1 + t, b[t]] for t in range(len(b))))
 
 
-@pytest.mark.parametrize("template", ["coin", "alpaca"])
-def test_rank_scores_equal_plain_forward(model, tok, template):
+@pytest.mark.parametrize("template, words", [("coin", ["positive", "negative", "not_entailment"]),
+                                             ("alpaca", ["positive", "negative", "not_entailment"]),
+                                             ("coin", ["positive", "negative"])])  # one-token path
+def test_rank_scores_equal_plain_forward(model, tok, template, words):
     instruction = TASKS["sentiment"].templates[0]
     inputs = ["Great film.", "The plot was not dull, but the cast was really bad.", "ok", "A fun movie."]
     prompts = [render_prompt(template, instruction, x) for x in inputs]
-    words = ["positive", "negative", "not_entailment"]  # the last one is several tokens
-    assert len(tok("not_entailment", add_special_tokens=False)["input_ids"]) > 1
+    assert len(tok("not_entailment", add_special_tokens=False)["input_ids"]) > 1  # the multi-token path
     got = rank_scores(model, tok, prompts, words, batch_size=3)  # 2 batches, the second one ragged
     want = torch.tensor([[reference_logprob(model, tok, p, w) for w in words] for p in prompts])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -44,6 +45,7 @@ def test_rank_scores_equal_plain_forward(model, tok, template):
 
 def test_rank_scores_without_a_shared_prefix(model, tok):
     prompts = ["Say 'even' or 'odd': 12", "Number? 7"]  # only the BOS token in common
+    assert all(len(tok(w, add_special_tokens=False)["input_ids"]) == 1 for w in ["even", "odd"])  # one-token path
     got = rank_scores(model, tok, prompts, ["even", "odd"])
     want = torch.tensor([[reference_logprob(model, tok, p, w) for w in ["even", "odd"]] for p in prompts])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -76,9 +76,14 @@ def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[
         prefix_cache = getattr(out, cache_kw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     k = len(labels)
+    # one-token label words (the usual case) are all read from one row per prompt: no row per label word
+    one_token = all(len(lab) == 1 for lab in labels)
     scores = torch.empty(len(ids), k)
     for start in range(0, len(ids), batch_size):
-        rows = [x[shared:] + lab for x in ids[start:start + batch_size] for lab in labels]
+        if one_token:
+            rows = [x[shared:] for x in ids[start:start + batch_size]]
+        else:
+            rows = [x[shared:] + lab for x in ids[start:start + batch_size] for lab in labels]
         n_rows, width = len(rows), max(len(r) for r in rows)
         input_ids = torch.full((n_rows, width), pad, dtype=torch.long)
         mask = torch.zeros((n_rows, width), dtype=torch.long)
@@ -86,6 +91,10 @@ def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[
         for r, row in enumerate(rows):
             input_ids[r, :len(row)] = torch.tensor(row)
             mask[r, :len(row)] = 1
+            if one_token:
+                sel_row.append(r)
+                sel_pos.append(len(row) - 1)
+                continue
             lab = labels[r % k]
             first = len(row) - len(lab)  # position of the first label token; the one before predicts it
             sel_row += [r] * len(lab)
@@ -104,6 +113,9 @@ def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[
                              use_cache=False).last_hidden_state
         sel_row_t = torch.tensor(sel_row, device=dev)
         logp = head(hidden[sel_row_t, torch.tensor(sel_pos, device=dev)]).float().log_softmax(-1)
+        if one_token:
+            scores[start:start + n_rows] = logp[:, [lab[0] for lab in labels]].cpu()
+            continue
         token_lp = logp[torch.arange(len(targets), device=dev), torch.tensor(targets, device=dev)]
         per_row = torch.zeros(n_rows, device=dev).index_add_(0, sel_row_t, token_lp)
         scores[start:start + n_rows // k] = per_row.view(-1, k).cpu()
