@@ -30,10 +30,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32, help="records per instruction")
     p.add_argument("--instructions", type=int, default=2, help="how many of the task's clean instructions")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's dtype, both modes")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_speed.json"))
     args = p.parse_args()
 
-    model, tok = load_eval_model(args.model, None, "float32")
+    model, tok = load_eval_model(args.model, None, args.dtype)
     task = TASKS["sentiment"]
     records = generate_eval_records(args.n, seed=0, tasks=["sentiment"])
     groups = [[render_prompt("auto", ins, r["input"], tok) for r in records]
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{mode:>9}: {n} prompts in {seconds:.1f} s = {n / seconds:.2f} examples/s (accuracy {correct / n:.2f})")
     ratio = timings["rank"]["examples_per_s"] / timings["generate"]["examples_per_s"]
     print(f"rank / generate = {ratio:.1f}x (goal >= 5x)")
-    result = {"model": args.model, "template": resolve_template("auto", tok), "batch_size": args.batch_size,
+    result = {"model": args.model, "dtype": args.dtype, "template": resolve_template("auto", tok), "batch_size": args.batch_size,
               "threads": torch.get_num_threads(), "machine": platform.machine(), "cpus": os.cpu_count(),
               "load_average_1min": os.getloadavg()[0], "modes": timings, "ratio_rank_over_generate": ratio}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,17 @@ PYTHON = sys.executable
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insert, delete, substitute), for comparing perturbations with the paper's."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
 def shared_data_dir() -> Path:
     return Path(os.environ.get("COIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

@@ -7,6 +7,7 @@ import random
 import re
 
 import pytest
+from conftest import levenshtein
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,16 +36,6 @@ def instructions(draw) -> str:
     for w in draw(st.lists(st.sampled_from(LABELS), min_size=0, max_size=3)):
         words.insert(draw(st.integers(0, len(words))), draw(st.sampled_from([f"'{w}'", w, w.upper(), f'"{w}",'])))
     return " ".join(words) + draw(st.sampled_from(["", ".", ":", "?", ": "]))
-
-
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 EDITING = [("character", {}), ("deepwordbug", {}), ("textbugger", {}), ("word", {"synonyms": SYNONYMS})]

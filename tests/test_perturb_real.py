@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import levenshtein
 
 from coin_ds.perturb import perturb_instruction
 
@@ -35,16 +36,6 @@ def prompts() -> dict:
     if not PROMPTS.is_file():
         pytest.skip(f"real data absent: {PROMPTS} not found (set COIN_SHARED_DATA to the shared data folder)")
     return json.loads(PROMPTS.read_text(encoding="utf-8"))
-
-
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def paper_pairs(prompts: dict, level: str, task: str) -> list[tuple[str, str]]:
