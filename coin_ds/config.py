@@ -183,7 +183,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
-def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
+def apply_values(obj: Any, values: dict, source: str, prefix: str = "") -> None:
+    """Set a (nested) mapping of values on a config dataclass, checking keys, types and choices; errors name `source`."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(type(obj))
@@ -194,7 +195,7 @@ def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
             raise ConfigError(f"{source}: unknown key '{full}' (known in this section: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if is_dataclass(current):
-            _apply(current, value, source, f"{full}.")
+            apply_values(current, value, source, f"{full}.")
             continue
         value = _coerce(value, hints[key], full, source)
         if full in CHOICES and value not in CHOICES[full]:
@@ -202,7 +203,8 @@ def _apply(obj: Any, values: dict, source: str, prefix: str = "") -> None:
         setattr(obj, key, value)
 
 
-def _nest(dotted: str, value: Any) -> dict:
+def nest_key(dotted: str, value: Any) -> dict:
+    """`a.b.c`, v -> {"a": {"b": {"c": v}}}"""
     out: dict = {}
     node = out
     parts = dotted.split(".")
@@ -252,11 +254,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     cfg = Config(preset=name)
-    _apply(cfg, PRESETS[name], f"preset {name}")
-    _apply(cfg, {k: v for k, v in file_values.items() if k != "preset"}, str(path))
+    apply_values(cfg, PRESETS[name], f"preset {name}")
+    apply_values(cfg, {k: v for k, v in file_values.items() if k != "preset"}, str(path))
     for key, value in parsed:
         if key != "preset":
-            _apply(cfg, _nest(key, value), "command line")
+            apply_values(cfg, nest_key(key, value), "command line")
     return cfg
 
 

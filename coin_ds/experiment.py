@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from coin_ds.config import ConfigError, _apply
+from coin_ds.config import ConfigError, apply_values, nest_key, parse_overrides
 from coin_ds.data.records import Record, save_records
 from coin_ds.data.synthetic import TASKS, generate_records
 
@@ -67,14 +67,12 @@ class ExperimentConfig:
 
 
 def load_experiment_config(path: str | None, overrides: list[str]) -> ExperimentConfig:
-    from coin_ds.config import _nest, parse_overrides
-
     cfg = ExperimentConfig()
     if path:
         values = yaml.safe_load(Path(path).read_text()) or {}
-        _apply(cfg, values, path)
+        apply_values(cfg, values, path)
     for key, value in parse_overrides(overrides):
-        _apply(cfg, _nest(key, value), "command line")
+        apply_values(cfg, nest_key(key, value), "command line")
     return cfg
 
 

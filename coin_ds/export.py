@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from coin_ds.adapters import AdapterError
-from coin_ds.config import Config, _apply
+from coin_ds.config import Config, apply_values
 from coin_ds.modeling import DTYPES, ModelLoadError, load_model, load_tokenizer
 
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -73,7 +73,7 @@ def locate(path: str | Path, tag: str | None = None) -> RunCheckpoint:
         raise ExportError(f"{cfg_file}: missing; export rebuilds the model from the run's config")
     cfg = Config()
     saved = json.loads(cfg_file.read_text())["config"]
-    _apply(cfg, {k: v for k, v in saved.items() if k != "preset"}, str(cfg_file))
+    apply_values(cfg, {k: v for k, v in saved.items() if k != "preset"}, str(cfg_file))
     cfg.preset = saved.get("preset")
     return RunCheckpoint(run_dir, root, tag, cfg)
 
