@@ -63,7 +63,7 @@ class ExperimentConfig:
     eval_levels: list[str] = field(default_factory=lambda: ["character", "word", "sentence", "semantic"])
     align_triples: int = 16
     paper_prompts: str | None = str(DEFAULT_PAPER_PROMPTS)
-    batch_size: int = 16
+    batch_size: int = 64
 
 
 def load_experiment_config(path: str | None, overrides: list[str]) -> ExperimentConfig:

