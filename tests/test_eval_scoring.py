@@ -29,7 +29,12 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    return build_model(tok, hidden_size=64, layers=2, heads=2).eval()
+    model = build_model(tok, hidden_size=64, layers=2, heads=2).eval()
+    with torch.no_grad():  # peaked attention: at init it is nearly uniform and would hide a wrong position or mask
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    return model
 
 
 def reference_logprob(model, tok, prompt: str, word: str) -> float:
@@ -61,56 +66,79 @@ def test_rank_scores_without_a_shared_prefix(model, tok):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("row_tokens, batch_size", [(8, 2), (64, 64)])  # many rows, forwards, split segments; one
-def test_grouped_packed_scores_equal_plain_forward(model, tok, monkeypatch, row_tokens, batch_size):
-    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)
-    inputs = ["Great film.", "The plot was not dull, but the cast was really bad.", "ok", "A fun movie.", "Meh."]
-    multi = ["not_entailment", "entailment", "positive"]
-    assert len(tok("not_entailment", add_special_tokens=False)["input_ids"]) > 1
-    groups = [
-        ([render_prompt("coin", TASKS["sentiment"].templates[0], x) for x in inputs], ["positive", "negative"]),
-        ([render_prompt("alpaca", TASKS["compare"].templates[1], x) for x in inputs[:3]], multi),
-        (["Say 'even' or 'odd': 12", "Number? 7"], ["even", "odd"]),  # only the BOS token in common
-        ([render_prompt("coin", TASKS["parity"].templates[0], "3")], ["even", "odd"]),  # alone: all but one token shared
-        ([], ["even", "odd"]),
-    ]
-    got = rank_scores_groups(model, tok, groups, batch_size=batch_size)
+def assert_scores_equal_plain_forward(model, tok, groups, got):
     for (prompts, words), scores in zip(groups, got):
         want = torch.tensor([[reference_logprob(model, tok, p, w) for w in words] for p in prompts])
         assert scores.shape == (len(prompts), len(words))
         torch.testing.assert_close(scores, want.reshape(scores.shape), atol=1e-4, rtol=1e-4)
 
 
+INPUTS = ["Great film.", "The plot was not dull, but the cast was really bad.", "ok", "A fun movie.", "Meh."]
+MULTI = ["not_entailment", "entailment", "positive"]  # the first is several tokens: label-word branches
+
+
+@pytest.mark.parametrize("row_tokens, batch_size", [(8, 2), (64, 64)])  # many rows, forwards, split segments; one
+def test_grouped_packed_scores_equal_plain_forward(model, tok, monkeypatch, row_tokens, batch_size):
+    monkeypatch.setattr(scoring, "ROW_TOKENS", row_tokens)
+    assert len(tok("not_entailment", add_special_tokens=False)["input_ids"]) > 1
+    groups = [
+        ([render_prompt("coin", TASKS["sentiment"].templates[0], x) for x in INPUTS], ["positive", "negative"]),
+        ([render_prompt("alpaca", TASKS["compare"].templates[1], x) for x in INPUTS[:3]], MULTI),
+        (["Say 'even' or 'odd': 12", "Number? 7"], ["even", "odd"]),  # only the BOS token in common
+        ([render_prompt("coin", TASKS["parity"].templates[0], "3")], ["even", "odd"]),  # alone: all but one token shared
+        ([], ["even", "odd"]),
+    ]
+    assert_scores_equal_plain_forward(model, tok, groups, rank_scores_groups(model, tok, groups, batch_size))
+
+
+def test_prefixes_with_a_common_start_run_it_once(model, tok, monkeypatch):
+    """Alpaca's long header is common to every instruction: it runs once, then each instruction's own part."""
+    monkeypatch.setattr(scoring, "ROW_TOKENS", 16)
+    groups = [([render_prompt("alpaca", ins, x) for x in INPUTS], MULTI if i == 1 else ["positive", "negative"])
+              for i, ins in enumerate(TASKS["sentiment"].templates[:3])]
+    groups.append(([render_prompt("alpaca", TASKS["sentiment"].templates[0], "fine")], ["positive", "negative"]))
+    calls = []
+    decoder = model.get_decoder()
+    forward = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(k["input_ids"].shape) or forward(*a, **k))
+    got = rank_scores_groups(model, tok, groups, batch_size=3)
+    assert calls[0][0] == 1 and calls[0][1] > 20 and calls[1][0] == len(groups)  # the header once, then the rest
+    assert_scores_equal_plain_forward(model, tok, groups, got)
+
+
 def test_pack_rows_layout():
-    suffixes = [[11, 12, 13], [21, 22], [31, 32, 33, 34], [41]]
-    groups = [0, 0, 1, 1]
-    labels = [[[7], [8]], [[5, 6], [9]]]  # group 1 has a two-token label word: one branch token per prompt
-    prefix_lens = [3, 5]
-    packed = pack_rows(suffixes, groups, labels, prefix_lens, pad_id=0, row_tokens=6)
-    rows = packed.input_ids.tolist()
-    assert packed.row_group.tolist() == [0, 1, 1]  # groups never share a row; group 1 does not fit in one row
-    assert rows[0][:5] == [11, 12, 13, 21, 22] and rows[1][:5] == [31, 32, 33, 34, 5] and rows[2][:2] == [41, 5]
-    assert packed.position_ids[0, :5].tolist() == [3, 4, 5, 3, 4]
-    assert packed.position_ids[1, :5].tolist() == [5, 6, 7, 8, 9]  # the branch token sits right after its prompt
+    # group 0: one prompt; group 1: two, with a two-token label word (one branch token per prompt)
+    suffixes, groups = [[11, 12, 13], [31, 32, 33, 34], [41]], [0, 1, 1]
+    labels = [[[7], [8]], [[5, 6], [9]]]
+    packed = pack_rows(suffixes, groups, labels, prefix_lens=[3, 5], pad_id=0, row_tokens=6, common=2)
+    # [41, 5] does not fit after [31..34, 5], so it fills group 0's part-filled row: that row holds two groups
+    assert packed.input_ids.tolist() == [[11, 12, 13, 41, 5], [31, 32, 33, 34, 5]]
+    assert packed.row_groups.tolist() == [[0, 1], [1, -1]]
+    assert packed.position_ids.tolist() == [[3, 4, 5, 5, 6], [5, 6, 7, 8, 9]]  # each after its own group's prefix
     m = packed.mask[:, 0]
-    width = packed.input_ids.shape[1]
-    assert m[0, :, :3].all() and not m[0, :, 3:5].any()  # group 0's prefix is 3 long: columns 3, 4 are not its own
-    assert m[1, :5, :5].all()  # group 1 sees its whole prefix
-    local = m[0, :, 5:]
-    assert local[4].tolist()[:5] == [False, False, False, True, True]  # prompt 1's last token: own tokens only
-    assert local[2].tolist()[:3] == [True, True, True] and not local[2, 3:].any()
-    # the reads: group 0 reads both one-token words at each prompt's last token
+    assert m.shape == (2, 5, 2 + 2 * 3 + 5)  # [common 2 | slot 0: 3 | slot 1: 3 | the row's 5 tokens]
+    prefix = m[..., :8].int().tolist()
+    assert prefix[0][0] == [1, 1, 1, 0, 0, 0, 0, 0]  # group 0: its prefix is 3 long, 1 past the common start
+    assert prefix[0][3] == [1, 1, 0, 0, 0, 1, 1, 1]  # group 1 in slot 1 of row 0
+    assert prefix[1][0] == [1, 1, 1, 1, 1, 0, 0, 0]  # group 1 in slot 0 of row 1
+    local = m[..., 8:].int().tolist()
+    assert local[0][2] == [1, 1, 1, 0, 0] and local[0][4] == [0, 0, 0, 1, 1]  # prompts never see each other
     reads = sorted(zip(packed.prompt.tolist(), packed.label.tolist(), packed.read_row.tolist(),
                        packed.read_pos.tolist(), packed.target.tolist()))
-    assert reads[:4] == [(0, 0, 0, 2, 7), (0, 1, 0, 2, 8), (1, 0, 0, 4, 7), (1, 1, 0, 4, 8)]
-    # group 1, prompt 2: the first token of [5, 6] at its last token, the second at the branch token; [9] at the last
-    assert [r for r in reads if r[0] == 2] == [(2, 0, 1, 3, 5), (2, 0, 1, 4, 6), (2, 1, 1, 3, 9)]
-    assert packed.mask.shape == (3, 1, width, 5 + width)
-    # padding attends to nothing of the packed tokens but itself, so no softmax row is empty even without a prefix
-    pad_at = (packed.input_ids[2] == 0).nonzero()[:, 0]
-    assert len(pad_at) == 3 and all(m[2, i, 5:].nonzero()[:, 0].tolist() == [i] for i in pad_at.tolist())
+    assert reads == [(0, 0, 0, 2, 7), (0, 1, 0, 2, 8),
+                     (1, 0, 1, 3, 5), (1, 0, 1, 4, 6), (1, 1, 1, 3, 9),  # [5, 6]: 5 at the last token, 6 at the branch
+                     (2, 0, 0, 3, 5), (2, 0, 0, 4, 6), (2, 1, 0, 3, 9)]
+    # a branch token sees its prompt and itself, not the other label word's branch
+    multi = pack_rows([[1, 2]], [0], [[[5, 6], [8, 9]]], prefix_lens=[1], pad_id=0)
+    assert multi.input_ids.tolist() == [[1, 2, 5, 8]] and multi.mask[0, 0, 3, 1:].int().tolist() == [1, 1, 0, 1]
+    # padding sees nothing but itself, so no softmax row is empty
+    padded = pack_rows([[1, 2, 3], [4]], [0, 0], [[[7]]], prefix_lens=[1], pad_id=0, row_tokens=3)
+    assert padded.input_ids.tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert padded.mask[1, 0].int().tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     with pytest.raises(ValueError, match="at least one token"):
         pack_rows([[1], []], [0, 0], [[[7]]], [2], pad_id=0)
+    with pytest.raises(ValueError, match="common prefix"):
+        pack_rows([[1]], [0], [[[7]]], [2], pad_id=0, common=3)
 
 
 def echo(tok):

@@ -64,12 +64,12 @@ ROW_TOKENS = 64  # a packed row's length. Rows are stacked into one batch, so ma
 
 @dataclass
 class PackedRows:
-    """Prompt suffixes packed end to end behind their group's shared prefix; label words branch off as a tree."""
+    """Prompts' own tokens packed end to end behind their groups' prefixes; label words branch off as a tree."""
 
     input_ids: torch.Tensor     # [rows, width]
     position_ids: torch.Tensor  # [rows, width], counted from the start of the prompt
-    mask: torch.Tensor          # [rows, 1, width, max(prefix_lens) + width] bool, True = may attend
-    row_group: torch.Tensor     # [rows] the group (and prefix) of each row
+    mask: torch.Tensor          # [rows, 1, width, prefix columns + width] bool, True = may attend
+    row_groups: torch.Tensor    # [rows, slots] the groups whose prefixes fill each row's prefix slots (-1: none)
     read_row: torch.Tensor      # [reads] row and position whose next-token distribution scores...
     read_pos: torch.Tensor
     target: torch.Tensor        # ...this label token
@@ -79,64 +79,120 @@ class PackedRows:
     def take(self, lo: int, hi: int) -> PackedRows:
         """Rows lo..hi-1 and the reads they carry."""
         keep = (self.read_row >= lo) & (self.read_row < hi)
-        return PackedRows(self.input_ids[lo:hi], self.position_ids[lo:hi], self.mask[lo:hi], self.row_group[lo:hi],
+        return PackedRows(self.input_ids[lo:hi], self.position_ids[lo:hi], self.mask[lo:hi], self.row_groups[lo:hi],
                           self.read_row[keep] - lo, self.read_pos[keep], self.target[keep], self.prompt[keep],
                           self.label[keep])
 
 
 def pack_rows(suffixes: Sequence[Sequence[int]], groups: Sequence[int], labels: Sequence[Sequence[Sequence[int]]],
-              prefix_lens: Sequence[int], pad_id: int, row_tokens: int = ROW_TOKENS) -> PackedRows:
+              prefix_lens: Sequence[int], pad_id: int, row_tokens: int = ROW_TOKENS, common: int = 0) -> PackedRows:
     """Pack prompts' own tokens into rows with no padding between them.
 
     Prompt i belongs to group `groups[i]`, whose `prefix_lens[g]` shared tokens precede `suffixes[i]` and whose label
-    words are `labels[g]`. A row holds prompts of one group only. A prompt's segment is its suffix, then one branch
-    per label word holding that word's tokens but the last (the last token is only predicted, never read). A token
-    attends to its group's prefix, to earlier tokens of its own suffix and to earlier tokens of its own branch:
-    exactly the context it has in the unpacked sequence prompt + label word, at the same positions. One-token label
-    words add no branch: all are read from the suffix's last token. A segment longer than `row_tokens` gets a row of
-    its own.
+    words are `labels[g]`. A prompt's segment is its suffix, then one branch per label word holding that word's tokens
+    but the last (the last token is only predicted, never read). A token attends to its group's prefix, to earlier
+    tokens of its own suffix and to earlier tokens of its own branch: exactly the context it has in the unpacked
+    sequence prompt + label word, at the same positions. One-token label words add no branch: all are read from the
+    suffix's last token. A segment longer than `row_tokens` gets a row of its own.
+
+    A row holds at most two groups, so the part-filled rows a group leaves are filled by the next one. Its prefix
+    columns are laid out as [the first `common` tokens, which every group's prefix shares | slot 0: the rest of the
+    first group's prefix | slot 1: the rest of the second's], each slot max(prefix_lens) - common wide; slot 1 exists
+    only when some row holds two groups.
     """
     if not all(suffixes):
         raise ValueError("every prompt needs at least one token after the shared prefix")
-    rows: list[list[tuple[int, int, int, int]]] = []  # per token: (token, prompt, branch, position)
-    row_group: list[int] = []
+    if common > min(prefix_lens, default=0):
+        raise ValueError(f"common prefix {common} is longer than a group's prefix ({min(prefix_lens)})")
+    rows: list[list[tuple[int, int, int, int, int]]] = []  # per token: (token, prompt, group, branch, position)
+    row_groups: list[list[int]] = []
     reads = []  # (row, pos, target, prompt, label)
-    # first fit, longest first: rows end up nearly full, so little padding is left between them
+
+    def room(r: int, need: int) -> bool:
+        return len(rows[r]) + need <= row_tokens
+
+    # first fit, longest first, group by group: rows end up nearly full, so little padding is left between them
     for p in sorted(range(len(suffixes)), key=lambda i: (groups[i], -len(suffixes[i]))):
         g, suffix, start_pos = groups[p], suffixes[p], prefix_lens[groups[p]]
         need = len(suffix) + sum(len(lab) - 1 for lab in labels[g])
-        r = next((i for i, row in enumerate(rows) if row_group[i] == g and len(row) + need <= row_tokens), None)
+        r = next((r for r in range(len(rows)) if g in row_groups[r] and room(r, need)), None)
+        if r is None:
+            r = next((r for r in range(len(rows)) if len(row_groups[r]) == 1 and room(r, need)), None)
         if r is None:
             rows.append([])
-            row_group.append(g)
+            row_groups.append([])
             r = len(rows) - 1
+        if g not in row_groups[r]:
+            row_groups[r].append(g)
         row = rows[r]
         last = len(row) + len(suffix) - 1
-        row += [(t, p, 0, start_pos + i) for i, t in enumerate(suffix)]
+        row += [(t, p, g, 0, start_pos + i) for i, t in enumerate(suffix)]
         for j, lab in enumerate(labels[g]):
             reads.append((r, last, lab[0], p, j))
             for t, tok in enumerate(lab[:-1]):
-                row.append((tok, p, j + 1, start_pos + len(suffix) + t))
+                row.append((tok, p, g, j + 1, start_pos + len(suffix) + t))
                 reads.append((r, len(row) - 1, lab[t + 1], p, j))
-    width, n, prefix_width = max(len(row) for row in rows), len(rows), max(prefix_lens)
+    width, n = max(len(row) for row in rows), len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)
     pos = torch.zeros((n, width), dtype=torch.long)
     owner = torch.full((n, width), -1, dtype=torch.long)  # -1: padding
+    group = torch.full((n, width), -1, dtype=torch.long)
     branch = torch.zeros((n, width), dtype=torch.long)
     for r, row in enumerate(rows):
         cols = torch.tensor(row, dtype=torch.long)
-        ids[r, :len(row)], owner[r, :len(row)], branch[r, :len(row)], pos[r, :len(row)] = cols.unbind(1)
+        ids[r, :len(row)], owner[r, :len(row)], group[r, :len(row)], branch[r, :len(row)], pos[r, :len(row)] = \
+            cols.unbind(1)
     idx = torch.arange(width)
     same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] >= 0)
     causal = idx[None, :, None] >= idx[None, None, :]
     on_path = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
     local = same & causal & on_path
     local |= (owner < 0)[:, :, None] & torch.eye(width, dtype=torch.bool)  # padding sees itself: no empty softmax
-    groups_t = torch.tensor(row_group, dtype=torch.long)
-    own_prefix = torch.arange(prefix_width)[None, :] < torch.tensor(prefix_lens)[groups_t][:, None]  # [rows, P]
-    mask = torch.cat([own_prefix[:, None, :].expand(n, width, prefix_width), local], dim=2)[:, None]
+    slots = 2 if any(len(gs) == 2 for gs in row_groups) else 1
+    slot_groups = torch.tensor([gs + [-1] * (slots - len(gs)) for gs in row_groups], dtype=torch.long)
+    rest = max(prefix_lens, default=0) - common
+    rest_len = torch.tensor(list(prefix_lens) + [0], dtype=torch.long)[group] - common  # [rows, width]; pad: group -1
+    prefix = [(group >= 0)[:, :, None].expand(n, width, common)]
+    for s in range(slots):
+        in_slot = (group == slot_groups[:, s:s + 1]) & (group >= 0)
+        prefix.append(in_slot[:, :, None] & (torch.arange(rest)[None, None, :] < rest_len[:, :, None]))
+    mask = torch.cat([*prefix, local], dim=2)[:, None]
     r_row, r_pos, r_tgt, r_prompt, r_label = torch.tensor(reads, dtype=torch.long).unbind(1)
-    return PackedRows(ids, pos, mask, groups_t, r_row, r_pos, r_tgt, r_prompt, r_label)
+    return PackedRows(ids, pos, mask, slot_groups, r_row, r_pos, r_tgt, r_prompt, r_label)
+
+
+def prefix_caches(decoder, cache_kw: str, prefixes: Sequence[Sequence[int]], pad_id: int, dev: torch.device):
+    """(cache, common): one cache row per prefix, right padded (the packed rows' masks hide each row's padding), or
+    None if all are empty; `common` is how many first tokens all prefixes share. That common start (chat template,
+    system prompt: most of a prefix) runs once, then only the rest of each prefix: with many instructions of a few
+    records each, that is most of the prefix work saved."""
+    width = max((len(x) for x in prefixes), default=0)
+    if width == 0:
+        return None, 0
+    common = common_prefix_len(prefixes) if all(prefixes) else 0
+    cache = None
+    if common > 0:
+        cache = getattr(decoder(input_ids=torch.tensor([prefixes[0][:common]], device=dev), use_cache=True),
+                        cache_kw)
+        cache.batch_repeat_interleave(len(prefixes))
+        if common == width:
+            return cache, common
+    # right padding: causal attention keeps the padding out of every real token's context
+    rest = torch.tensor([list(x[common:]) + [pad_id] * (width - len(x)) for x in prefixes], device=dev)
+    kwargs = {cache_kw: cache, "position_ids": (common + torch.arange(width - common, device=dev)).expand_as(rest)}
+    out = decoder(input_ids=rest, use_cache=True, **(kwargs if cache is not None else {}))
+    return getattr(out, cache_kw), common
+
+
+def row_cache(prefix_cache, row_groups: torch.Tensor, common: int):
+    """The cache a batch of packed rows continues: per row, the common start and its slots' prefix rests."""
+    cache = copy.deepcopy(prefix_cache)  # the forward appends to it
+    cache.reorder_cache(row_groups[:, 0])
+    for s in range(1, row_groups.shape[1]):
+        other = torch.where(row_groups[:, s] >= 0, row_groups[:, s], row_groups[:, 0])  # an empty slot stays masked
+        for layer, (keys, values, *_) in enumerate(prefix_cache):
+            cache.update(keys[other][:, :, common:], values[other][:, :, common:], layer)
+    return cache
 
 
 @torch.no_grad()
@@ -146,8 +202,8 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
     word's tokens after each prompt.
 
     Prompts of a group (one instruction over many inputs) share a long token prefix: chat template, system prompt,
-    instruction. All groups' prefixes run in one forward; then the prompts' own tokens, packed into rows of
-    `ROW_TOKENS` (`pack_rows`), run `batch_size` rows at a time behind a copy of their group's prefix cache. So
+    instruction. All groups' prefixes run first (their common start once); then the prompts' own tokens, packed into
+    rows of `ROW_TOKENS` (`pack_rows`), run `batch_size` rows at a time behind copies of their groups' prefixes. So
     `batch_size` counts sequences per forward as in generate mode, each holding several prompts. Logits are computed
     only where a label token is predicted.
     """
@@ -160,27 +216,20 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
     labels = [encode_label_words(tokenizer, words) for _, words in groups]
     # every prompt keeps at least one token of its own: it predicts the first label token
     shared = [min(common_prefix_len(g), min(len(x) for x in g) - 1) if g else 0 for g in ids]
-    prefix_cache = None
-    if max(shared, default=0) > 0:
-        # right padding: causal attention keeps the padding out of every real prefix token's context, and the packed
-        # rows' masks keep it out of theirs
-        width = max(shared)
-        prefixes = torch.tensor([g[0][:s] + [pad] * (width - s) if g else [pad] * width for g, s in zip(ids, shared)],
-                                device=dev)
-        prefix_cache = getattr(decoder(input_ids=prefixes, use_cache=True), cache_kw)
+    prefix_cache, common = prefix_caches(decoder, cache_kw, [g[0][:s] if g else [] for g, s in zip(ids, shared)],
+                                         pad, dev)
     flat = [(g, i) for g, group in enumerate(ids) for i in range(len(group))]
     scores = [torch.zeros(len(g), len(lab)) for g, lab in zip(ids, labels)]
     if not flat:
         return scores
-    packed = pack_rows([ids[g][i][shared[g]:] for g, i in flat], [g for g, _ in flat], labels, shared, pad, ROW_TOKENS)
+    packed = pack_rows([ids[g][i][shared[g]:] for g, i in flat], [g for g, _ in flat], labels, shared, pad, ROW_TOKENS,
+                       common)
     dtype = head.weight.dtype
     for lo in range(0, packed.input_ids.shape[0], batch_size):
         part = packed.take(lo, lo + batch_size)
         kwargs = {}
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)  # the forward appends to it
-            cache.reorder_cache(part.row_group.to(dev))  # row r continues its group's prefix
-            kwargs = {cache_kw: cache, "use_cache": True}
+            kwargs = {cache_kw: row_cache(prefix_cache, part.row_groups.to(dev), common), "use_cache": True}
         # an additive mask in the model's dtype: a boolean one would be converted again in every layer
         mask = torch.zeros(part.mask.shape, dtype=dtype, device=dev).masked_fill_(~part.mask.to(dev),
                                                                                   torch.finfo(dtype).min)
