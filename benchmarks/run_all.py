@@ -3,7 +3,7 @@
     python -m benchmarks.run_all [--quick] [--only step_cost,padding,...]
 
 Each benchmark runs in its own process (clean memory, its own thread settings) and writes results/<name>.json with
-its goal rows; this script collects them. Goal 5 comes from benchmarks/eval_speed.py when that script exists.
+its goal rows; this script collects them.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ def run(name: str, quick: bool) -> tuple[list[dict], str]:
     """Run one benchmark; its goal rows and a status ('ok', 'missing', 'failed (...)')."""
     if not (ROOT / "benchmarks" / f"{name}.py").exists():
         return [], "missing"
-    # eval_speed (another author's script) takes no --quick
-    cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick and name != "eval_speed" else [])
+    cmd = [sys.executable, "-m", f"benchmarks.{name}"] + (["--quick"] if quick else [])
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, timeout=1200)
@@ -43,35 +42,7 @@ def run(name: str, quick: bool) -> tuple[list[dict], str]:
     path = RESULTS / f"{name}.json"
     if proc.returncode != 0 or not path.exists() or path.stat().st_mtime < t0:
         return [], f"failed (exit {proc.returncode})"
-    return goal_rows(name, json.loads(path.read_text())), "ok"
-
-
-def goal_rows(name: str, data: dict) -> list[dict]:
-    """Our scripts write `goals`; for eval_speed (another author) also accept a bare ratio or two speeds."""
-    if "goals" in data:
-        return data["goals"]
-    if name != "eval_speed":
-        return []
-    value = data.get("ratio_rank_over_generate") or data.get("ratio")
-    if value is None:
-        speeds = {k: v for k, v in _flatten(data).items() if "per_s" in k or "per_second" in k}
-        rank = [v for k, v in speeds.items() if "rank" in k]
-        gen = [v for k, v in speeds.items() if "gen" in k]
-        value = rank[0] / gen[0] if rank and gen and gen[0] else None
-    if value is None:
-        return []
-    return [{"id": 5, "name": GOAL_NAMES[5], "value": float(value), "goal": GOALS[5], "met": float(value) >= 5,
-             "spread": "", "detail": "from results/eval_speed.json"}]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return json.loads(path.read_text()).get("goals", []), "ok"
 
 
 def table(rows: dict[int, dict], status: dict[int, str]) -> str:
