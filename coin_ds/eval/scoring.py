@@ -3,7 +3,8 @@
 - **rank** (ours): the total log-likelihood of each label word's tokens after the prompt; the answer is the most likely
   label word. Prompts that share an instruction share a long token prefix (chat template, system prompt, instruction),
   so the prefix runs through the decoder once and its key/value cache is reused for every record and every label
-  word; the vocabulary projection is computed only at the positions that predict label tokens.
+  word; what is left of each prompt is packed with others into rows with no padding between them (`pack_rows`); the
+  vocabulary projection is computed only at the positions that predict label tokens.
 - **generate** (the official protocol): greedy decoding of a few new tokens; the answer is the label word the output
   starts with (after leading whitespace, quotes and markdown, ignoring case); anything else is wrong (`None`).
 
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import Cache
 
 from coin_ds.loss import last_token_pool
 from coin_ds.modeling import position_ids_from_mask, unwrap
@@ -161,7 +163,8 @@ def pack_rows(suffixes: Sequence[Sequence[int]], groups: Sequence[int], labels: 
     return PackedRows(ids, pos, mask, slot_groups, r_row, r_pos, r_tgt, r_prompt, r_label)
 
 
-def prefix_caches(decoder, cache_kw: str, prefixes: Sequence[Sequence[int]], pad_id: int, dev: torch.device):
+def prefix_caches(decoder, cache_kw: str, prefixes: Sequence[Sequence[int]], pad_id: int,
+                  dev: torch.device) -> tuple[Cache | None, int]:
     """(cache, common): one cache row per prefix, right padded (the packed rows' masks hide each row's padding), or
     None if all are empty; `common` is how many first tokens all prefixes share. That common start (chat template,
     system prompt: most of a prefix) runs once, then only the rest of each prefix: with many instructions of a few
@@ -184,7 +187,7 @@ def prefix_caches(decoder, cache_kw: str, prefixes: Sequence[Sequence[int]], pad
     return getattr(out, cache_kw), common
 
 
-def row_cache(prefix_cache, row_groups: torch.Tensor, common: int):
+def row_cache(prefix_cache: Cache, row_groups: torch.Tensor, common: int) -> Cache:
     """The cache a batch of packed rows continues: per row, the common start and its slots' prefix rests."""
     cache = copy.deepcopy(prefix_cache)  # the forward appends to it
     cache.reorder_cache(row_groups[:, 0])
