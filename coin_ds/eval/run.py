@@ -187,7 +187,8 @@ def unit_waves(units: list[tuple[str, str]], records: dict[str, list[dict]], pro
 def score_units(model, tokenizer, units: list[tuple[str, str]], records: dict[str, list[dict]],
                 label_words: dict[str, list[str]], modes: list[str], template: str, batch_size: int,
                 max_new_tokens: int, progress: bool) -> dict:
-    """{mode: {"pred": {(task, instruction): [answer per record]}, "examples": n, "seconds": s, "raw": [...]}}."""
+    """{mode: {"pred": {(task, instruction): [answer per record]}, "examples": n, "seconds": s,
+    "unparseable_examples": [up to 3 raw outputs]}}. Units are scored in waves (`unit_waves`) of >= 4 batches."""
     from tqdm import tqdm
 
     out = {m: {"pred": {}, "examples": 0, "seconds": 0.0, "unparseable_examples": []} for m in modes}
