@@ -91,6 +91,20 @@ def test_grouped_packed_scores_equal_plain_forward(model, tok, monkeypatch, row_
     assert_scores_equal_plain_forward(model, tok, groups, rank_scores_groups(model, tok, groups, batch_size))
 
 
+def test_label_logits_without_the_normalizer(model, tok):
+    """For predictions with one-token label words only the label rows of the head are needed: the scores are then the
+    label tokens' logits, and the argmax is the log-probabilities' argmax."""
+    words = ["positive", "negative"]
+    prompts = [render_prompt("coin", TASKS["sentiment"].templates[0], x) for x in INPUTS]
+    got = rank_scores_groups(model, tok, [(prompts, words)], logprobs=False)[0]
+    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    with torch.no_grad():
+        want = torch.stack([model(torch.tensor([tok(p)["input_ids"]])).logits[0, -1, ids] for p in prompts])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+    assert rank_predict(model, tok, prompts, words) == [words[k] for k in rank_scores(model, tok, prompts,
+                                                                                        words).argmax(1).tolist()]
+
+
 def test_prefixes_with_a_common_start_run_it_once(model, tok, monkeypatch):
     """Alpaca's long header is common to every instruction: it runs once, then each instruction's own part."""
     monkeypatch.setattr(scoring, "ROW_TOKENS", 16)

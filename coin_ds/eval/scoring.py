@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -198,9 +199,37 @@ def row_cache(prefix_cache: Cache, row_groups: torch.Tensor, common: int) -> Cac
     return cache
 
 
+@contextmanager
+def only_at(module: torch.nn.Module | None, rows: torch.Tensor, pos: torch.Tensor):
+    """Run a position-wise module ([batch, seq, d] -> same) only at (rows, pos), zeros elsewhere.
+
+    Used on the last decoder layer's MLP: its output at a position feeds nothing but that position's final hidden
+    state, and only the read positions' final states are used (a one-token label is read at one position a prompt)."""
+    if module is None:
+        yield
+        return
+    shape = {}
+
+    def pick(_, args):
+        shape["x"] = args[0].shape
+        return (args[0][rows, pos][None],) + tuple(args[1:])
+
+    def scatter(_, args, out):
+        full = out.new_zeros(shape["x"][:-1] + out.shape[-1:])
+        full[rows, pos] = out[0]
+        return full
+
+    handles = [module.register_forward_pre_hook(pick), module.register_forward_hook(scatter)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], Sequence[str]]],
-                       batch_size: int = 64) -> list[torch.Tensor]:
+                       batch_size: int = 64, logprobs: bool = True) -> list[torch.Tensor]:
     """For each group (prompts, label words): [len(prompts), len(label words)] total log-probability of each label
     word's tokens after each prompt.
 
@@ -208,7 +237,8 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
     instruction. All groups' prefixes run first (their common start once); then the prompts' own tokens, packed into
     rows of `ROW_TOKENS` (`pack_rows`), run `batch_size` rows at a time behind copies of their groups' prefixes. So
     `batch_size` counts sequences per forward as in generate mode, each holding several prompts. Logits are computed
-    only where a label token is predicted.
+    only where a label token is predicted. With `logprobs=False` and one-token label words the scores are the label
+    tokens' logits (same argmax, no vocabulary-wide normalizer).
     """
     base = unwrap(model)
     decoder, head = base.get_decoder(), base.get_output_embeddings()
@@ -228,6 +258,9 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
     packed = pack_rows([ids[g][i][shared[g]:] for g, i in flat], [g for g, _ in flat], labels, shared, pad, ROW_TOKENS,
                        common)
     dtype = head.weight.dtype
+    last_mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
+    logits_only = (not logprobs and type(head) is torch.nn.Linear and head.bias is None
+                   and all(len(lab) == 1 for g in labels for lab in g))
     for lo in range(0, packed.input_ids.shape[0], batch_size):
         part = packed.take(lo, lo + batch_size)
         kwargs = {}
@@ -236,10 +269,17 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
         # an additive mask in the model's dtype: a boolean one would be converted again in every layer
         mask = torch.zeros(part.mask.shape, dtype=dtype, device=dev).masked_fill_(~part.mask.to(dev),
                                                                                   torch.finfo(dtype).min)
-        hidden = decoder(input_ids=part.input_ids.to(dev), attention_mask=mask,
-                         position_ids=part.position_ids.to(dev), **kwargs).last_hidden_state
-        logp = head(hidden[part.read_row.to(dev), part.read_pos.to(dev)]).float().log_softmax(-1)
-        token_lp = logp.gather(1, part.target.to(dev)[:, None])[:, 0].cpu()
+        read_row, read_pos, target = part.read_row.to(dev), part.read_pos.to(dev), part.target.to(dev)
+        width = part.input_ids.shape[1]
+        at = torch.unique(read_row * width + read_pos)  # label words of one token are all read at the same position
+        with only_at(last_mlp, at // width, at % width):
+            hidden = decoder(input_ids=part.input_ids.to(dev), attention_mask=mask,
+                             position_ids=part.position_ids.to(dev), **kwargs).last_hidden_state
+        h = hidden[read_row, read_pos]
+        if logits_only:  # the label tokens' rows of the head: an argmax needs no normalizer
+            token_lp = (h * head.weight[target]).sum(-1).float().cpu()
+        else:
+            token_lp = head(h).float().log_softmax(-1).gather(1, target[:, None])[:, 0].cpu()
         for p, lab, lp in zip(part.prompt.tolist(), part.label.tolist(), token_lp):
             g, i = flat[p]
             scores[g][i, lab] += lp
@@ -255,7 +295,7 @@ def rank_scores(model, tokenizer, prompts: Sequence[str], label_words: Sequence[
 def rank_predict_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], Sequence[str]]],
                         batch_size: int = 64) -> list[list[str]]:
     """The most likely label word of each prompt, group by group."""
-    scores = rank_scores_groups(model, tokenizer, groups, batch_size)
+    scores = rank_scores_groups(model, tokenizer, groups, batch_size, logprobs=False)
     return [[words[k] for k in s.argmax(dim=1).tolist()] for (_, words), s in zip(groups, scores)]
 
 
