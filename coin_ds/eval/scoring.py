@@ -259,6 +259,8 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
                        common)
     dtype = head.weight.dtype
     last_mlp = getattr(decoder.layers[-1], "mlp", None) if hasattr(decoder, "layers") else None
+    if not type(last_mlp).__name__.endswith("MLP"):
+        last_mlp = None  # only a plain position-wise MLP (LlamaMLP, Qwen2MLP, ...): MoE blocks may return tuples
     logits_only = (not logprobs and type(head) is torch.nn.Linear and head.bias is None
                    and all(len(lab) == 1 for g in labels for lab in g))
     for lo in range(0, packed.input_ids.shape[0], batch_size):
