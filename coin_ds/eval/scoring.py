@@ -279,7 +279,7 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
                              position_ids=part.position_ids.to(dev), **kwargs).last_hidden_state
         h = hidden[read_row, read_pos]
         if logits_only:  # the label tokens' rows of the head: an argmax needs no normalizer
-            token_lp = (h * head.weight[target]).sum(-1).float().cpu()
+            token_lp = (h.float() * head.weight[target].float()).sum(-1).cpu()  # fp32: bf16 logits would tie
         else:
             token_lp = head(h).float().log_softmax(-1).gather(1, target[:, None])[:, 0].cpu()
         for p, lab, lp in zip(part.prompt.tolist(), part.label.tolist(), token_lp):
