@@ -19,8 +19,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out, *extra: str, resume: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "coin_ds" / "train.py"),
+def launch(out, *extra: str, resume: bool = False, timeout: int = 300, port: int | None = None
+           ) -> subprocess.CompletedProcess:
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port or free_port()), str(ROOT / "coin_ds" / "train.py"),
            "--deepspeed", str(ROOT / "ds_configs" / "zero3.json"), *(["--resume"] if resume else []),
            *TINY, f"train.output_dir={out}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
@@ -55,3 +56,17 @@ def test_two_rank_zero3_lowers_loss_checkpoints_and_resumes(tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 31))  # continued at 25, not restarted at 1
     assert (ckpt / "latest").read_text().strip() == "step_0000030"
+
+
+@pytest.mark.slow
+def test_a_cpu_run_leaves_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU allreduce keeps a 69 MB buffer per rank in /dev/shm and never removes it; the trainer does."""
+    import os
+    from pathlib import Path
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm on this machine")
+    port = free_port()
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"
+    launch(tmp_path / "run", "train.max_steps=2", port=port)
+    assert sorted(p.name for p in Path("/dev/shm").glob(pattern)) == []
