@@ -21,7 +21,7 @@ import sys
 from benchmarks.common import fmt_times, goal, interleaved, pick_device, ratio, write
 from coin_ds.data.synthetic import TASKS, generate_eval_records
 from coin_ds.eval.run import load_eval_model, score_units
-from coin_ds.eval.scoring import MAX_NEW_TOKENS, common_prefix_len, encode_prompts
+from coin_ds.eval.scoring import MAX_NEW_TOKENS, encode_prompts, shared_prefix_len
 from coin_ds.prompting import render_prompt, resolve_template
 
 MODES = ("rank", "generate")
@@ -29,7 +29,7 @@ MODES = ("rank", "generate")
 
 def prompt_shape(tok, template: str, instruction: str, records: list[dict]) -> dict:
     ids = encode_prompts(tok, [render_prompt(template, instruction, r["input"], tok) for r in records])
-    shared = min(common_prefix_len(ids), min(len(x) for x in ids) - 1)
+    shared = shared_prefix_len(ids)
     return {"prompt_tokens": statistics.mean(len(x) for x in ids), "shared_prefix": shared,
             "own_tokens": statistics.mean(len(x) - shared for x in ids)}
 

@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="generate mode's budget")
     p.add_argument("--align-triples", type=int, default=16,
                    help="(orig, para, neg) triples per task for the alignment metric (0: skip)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per forward (rank mode packs them, so "
-                   "this is cheap in memory)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward: prompts in generate mode, "
+                   "packed rows of several prompts in rank mode")
     p.add_argument("--template", choices=TEMPLATES, default="auto", help="prompt template, as in training")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated records and perturbations")

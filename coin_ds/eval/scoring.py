@@ -52,6 +52,12 @@ def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return n
 
 
+def shared_prefix_len(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens a group of prompts runs once: their common prefix, leaving each prompt at least one token of its own (it
+    predicts the first label token)."""
+    return min(common_prefix_len(prompts), min(len(x) for x in prompts) - 1) if prompts else 0
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -247,8 +253,7 @@ def rank_scores_groups(model, tokenizer, groups: Sequence[tuple[Sequence[str], S
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = [encode_prompts(tokenizer, prompts) for prompts, _ in groups]
     labels = [encode_label_words(tokenizer, words) for _, words in groups]
-    # every prompt keeps at least one token of its own: it predicts the first label token
-    shared = [min(common_prefix_len(g), min(len(x) for x in g) - 1) if g else 0 for g in ids]
+    shared = [shared_prefix_len(g) for g in ids]
     prefix_cache, common = prefix_caches(decoder, cache_kw, [g[0][:s] if g else [] for g, s in zip(ids, shared)],
                                          pad, dev)
     flat = [(g, i) for g, group in enumerate(ids) for i in range(len(group))]
